@@ -1,0 +1,115 @@
+//! Every key the worker writes, in one place. See `docs/s3-layout.md`.
+//!
+//! ```text
+//! jobs/<job_id>/manifest.json          entry point, written last (the contract)
+//! images/<sha256>.<jpg|png|...>        source and prepared images, by content
+//! recognitions/<prepared_sha256>.json  Kling's answer for a prepared image
+//! segments/<request_id>/<type>.png     segment PNGs, byte for byte as Kling sent them
+//! ```
+//!
+//! Keys are deterministic: a redelivered job computes the same keys and
+//! overwrites identical bytes. Segments are keyed by the Kling request that
+//! produced them, so a re-recognition (after results expired) never
+//! overwrites objects an older manifest names.
+
+use super::{ObjectKey, Sha256};
+use crate::job::JobId;
+use crate::kling::SegmentType;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+fn key(s: String) -> ObjectKey {
+    // Every caller builds from parsed parts whose characters are key-safe.
+    ObjectKey::parse(&s).unwrap_or_else(|e| unreachable!("layout produced an invalid key: {e}"))
+}
+
+pub fn manifest(job: &JobId) -> ObjectKey {
+    key(format!("jobs/{job}/{MANIFEST_FILE}"))
+}
+
+pub fn image(sha: &Sha256, extension: &str) -> ObjectKey {
+    let ext: String = extension
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    let ext = if ext.is_empty() {
+        "bin".to_owned()
+    } else {
+        ext.to_ascii_lowercase()
+    };
+    key(format!("images/{sha}.{ext}"))
+}
+
+pub fn recognition(prepared: &Sha256) -> ObjectKey {
+    key(format!("recognitions/{prepared}.json"))
+}
+
+/// `n` disambiguates a type that appears more than once in one answer.
+pub fn segment(request_id: &str, kind: &SegmentType, n: usize) -> ObjectKey {
+    let suffix = if n == 0 {
+        String::new()
+    } else {
+        format!("-{n}")
+    };
+    key(format!(
+        "segments/{}/{kind}{suffix}.png",
+        request_dir(request_id)
+    ))
+}
+
+/// A request id as a key segment: kept when it is short and key-safe,
+/// otherwise replaced by a hash of it.
+fn request_dir(request_id: &str) -> String {
+    let safe = !request_id.is_empty()
+        && request_id.len() <= 96
+        && request_id != "."
+        && request_id != ".."
+        && request_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if safe {
+        request_id.to_owned()
+    } else {
+        format!("h-{}", &Sha256::of(request_id.as_bytes()).hex()[..32])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let job = JobId::parse("catalog-2026-11-000123").unwrap();
+        assert_eq!(
+            manifest(&job).as_str(),
+            "jobs/catalog-2026-11-000123/manifest.json"
+        );
+        let sha = Sha256::of(b"x");
+        assert_eq!(image(&sha, "JPG").as_str(), format!("images/{sha}.jpg"));
+        assert_eq!(
+            recognition(&sha).as_str(),
+            format!("recognitions/{sha}.json")
+        );
+        let t = SegmentType::parse("face_seg").unwrap();
+        assert_eq!(
+            segment("req-1", &t, 0).as_str(),
+            "segments/req-1/face_seg.png"
+        );
+        assert_eq!(
+            segment("req-1", &t, 2).as_str(),
+            "segments/req-1/face_seg-2.png"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_request_id_gives_a_valid_key(rid in ".{0,200}") {
+            let t = SegmentType::parse("object_seg").unwrap();
+            let k = segment(&rid, &t, 0);
+            prop_assert!(k.as_str().starts_with("segments/"));
+        }
+    }
+}

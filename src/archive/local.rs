@@ -1,0 +1,223 @@
+//! The local-directory backend: the embedded default, for laptops, demos and
+//! single-node installs.
+//!
+//! An object is a file at `<root>/<key>`; its metadata sits in
+//! `<root>/.kling-meta/<key>.json`. Writes go to a temporary file in the
+//! same directory, are fsynced, then renamed (or hard-linked, for
+//! create-if-absent) into place, and the directory is fsynced: an object is
+//! either absent or whole. The metadata is written before the object, so an
+//! object that exists always has its metadata.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::{Created, ObjectInfo, ObjectKey, PutMeta, StoreError};
+
+const META_DIR: &str = ".kling-meta";
+const TMP_MARK: &str = ".kling-tmp-";
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MetaFile {
+    content_type: String,
+    metadata: BTreeMap<String, String>,
+}
+
+impl LocalStore {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    fn meta_path(&self, key: &ObjectKey) -> PathBuf {
+        self.root
+            .join(META_DIR)
+            .join(format!("{}.json", key.as_str()))
+    }
+
+    pub async fn put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+        if_absent: bool,
+    ) -> Result<Created, StoreError> {
+        let path = self.path(key);
+        let meta_path = self.meta_path(key);
+        let mut metadata = meta.metadata.clone();
+        metadata.insert("sha256".into(), meta.sha256.hex());
+        let meta_json = serde_json::to_vec(&MetaFile {
+            content_type: meta.content_type.to_owned(),
+            metadata,
+        })
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        blocking(move || {
+            if if_absent && path.exists() {
+                return Ok(Created::AlreadyExisted);
+            }
+            write_atomic(&meta_path, &meta_json, false)?;
+            write_atomic(&path, &body, if_absent)
+        })
+        .await
+    }
+
+    pub async fn get(&self, key: &ObjectKey) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key);
+        blocking(move || match fs::read(&path) {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
+    pub async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectInfo>, StoreError> {
+        let path = self.path(key);
+        let meta_path = self.meta_path(key);
+        let key = key.to_string();
+        blocking(move || {
+            let size = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let meta: MetaFile = match fs::read(&meta_path) {
+                Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: format!("metadata: {e}"),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => MetaFile {
+                    content_type: String::new(),
+                    metadata: BTreeMap::new(),
+                },
+                Err(e) => return Err(e.into()),
+            };
+            Ok(Some(ObjectInfo {
+                size,
+                content_type: (!meta.content_type.is_empty()).then_some(meta.content_type),
+                metadata: meta.metadata,
+            }))
+        })
+        .await
+    }
+
+    pub async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let path = self.path(key);
+        let meta_path = self.meta_path(key);
+        blocking(move || {
+            for p in [path, meta_path] {
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectKey>, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        blocking(move || {
+            let mut out = Vec::new();
+            // Only walk the directory that can hold matches.
+            let start = match prefix.rfind('/') {
+                Some(i) => root.join(&prefix[..i]),
+                None => root.clone(),
+            };
+            walk(&root, &start, &prefix, &mut out)?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectKey>) -> Result<(), StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == META_DIR || name.contains(TMP_MARK) {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk(root, &path, prefix, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            let rel = rel
+                .to_string_lossy()
+                .replace(std::path::MAIN_SEPARATOR, "/");
+            if rel.starts_with(prefix)
+                && let Ok(key) = ObjectKey::parse(&rel)
+            {
+                out.push(key);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write `data` to `path` atomically. With `if_absent`, an existing file is
+/// left alone and reported as [`Created::AlreadyExisted`] (hard link: the
+/// check and the write are one step).
+fn write_atomic(path: &Path, data: &[u8], if_absent: bool) -> Result<Created, StoreError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("key has no parent directory"))?;
+    fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}{TMP_MARK}{:016x}", fastrand::u64(..)));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        let created = if if_absent {
+            match fs::hard_link(&tmp, path) {
+                Ok(()) => Created::Yes,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Created::AlreadyExisted,
+                Err(e) => return Err(e),
+            }
+        } else {
+            fs::rename(&tmp, path)?;
+            Created::Yes
+        };
+        fs::File::open(dir)?.sync_all()?;
+        Ok(created)
+    })();
+    let _ = fs::remove_file(&tmp);
+    Ok(result?)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+}

@@ -1,0 +1,123 @@
+//! The manifest — the contract with downstream readers — and the
+//! recognition record that makes redeliveries free.
+//!
+//! A manifest at `jobs/<job_id>/manifest.json` means the job is complete:
+//! it is written last, create-if-absent, after every object it names.
+
+use serde::{Deserialize, Serialize};
+
+use super::Sha256;
+use crate::kling::{Recognition, SegmentType};
+use crate::prepare::{OutputFormat, SourceFormat, TransformRecord, Violation};
+
+/// Bumped on any change a reader must know about. See `docs/s3-layout.md`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub job_id: String,
+    pub request_id: String,
+    /// Units Kling charged for the call, as Kling wrote it.
+    pub final_unit_deduction: String,
+    pub labels: crate::job::Labels,
+    pub source: SourceImage,
+    pub prepared: PreparedImage,
+    pub segments: Vec<SegmentEntry>,
+    /// True when this job reused an earlier recognition of the same prepared
+    /// image (a redelivery, or the same image under another job id) instead
+    /// of paying for a new call.
+    pub reused_recognition: bool,
+    /// RFC 3339, when Kling answered.
+    pub recognized_at: String,
+    /// RFC 3339, when this manifest was written.
+    pub archived_at: String,
+    pub worker: WorkerInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceImage {
+    /// Where the image came from (`https://…` without query, `s3://…`, or `inline`).
+    pub uri: String,
+    pub sha256: Sha256,
+    pub format: SourceFormat,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+    /// EXIF orientation found in the source (1 = none).
+    pub orientation: u8,
+    /// Full key of the archived copy.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreparedImage {
+    pub sha256: Sha256,
+    pub format: OutputFormat,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+    /// Sent byte for byte as received (the source was in spec).
+    pub passthrough: bool,
+    /// What was out of spec in the source.
+    pub violations: Vec<Violation>,
+    /// How to map prepared (mask) coordinates back to the source.
+    pub transforms: TransformRecord,
+    /// Full key of the archived copy (the same object as the source's when
+    /// passed through).
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    #[serde(rename = "type")]
+    pub kind: SegmentType,
+    pub is_contain: bool,
+    /// Present when `is_contain`: the archived PNG.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sha256: Option<Sha256>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub width: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub height: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub version: String,
+}
+
+impl WorkerInfo {
+    pub fn current() -> Self {
+        Self {
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Kling's answer for one prepared image, stored the moment it arrives and
+/// before any download, so that a crash, a redelivery or the same image
+/// under another job id never pays for a second call while the result URLs
+/// are still valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecognitionRecord {
+    pub schema_version: u32,
+    pub prepared_sha256: Sha256,
+    /// The job whose call this was.
+    pub job_id: String,
+    pub recognized_at: String,
+    pub recognition: Recognition,
+}
+
+/// Now, as RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

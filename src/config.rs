@@ -1,0 +1,475 @@
+//! Command-line flags and environment variables, and the validated
+//! [`Config`] they become.
+//!
+//! `Args` is the raw shape clap parses (every flag has an env var, names fixed
+//! by the user contract in `docs/operations.md`). [`WorkerArgs::into_config`]
+//! checks it once and produces a `Config` that the rest of the worker trusts.
+//! Secrets come only from the environment or a file and are held as
+//! [`SecretString`], whose `Debug` is redacted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+
+use crate::archive::ArchiveTarget;
+use crate::prepare::Limits;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_QUEUE: &str = "kling.jobs";
+pub const DEFAULT_KLING_BASE_URL: &str = "https://api-singapore.klingai.com";
+pub const DEFAULT_ARCHIVE: &str = "./kling-archive";
+/// Kling's result CDN. `*.` matches any subdomain.
+pub const DEFAULT_RESULT_HOSTS: &str = "*.klingai.com";
+
+/// kling-archiver: archive Kling AI image-segmentation results from RabbitMQ
+/// jobs into S3 (or a local directory) before Kling deletes them.
+///
+/// With no subcommand, `worker` consumes jobs until SIGTERM/SIGINT.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+
+    /// Log format: `json` for containers, `pretty` for a terminal.
+    /// Levels come from RUST_LOG (default `info`).
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "pretty",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a self-contained demo: an in-process Kling simulator, a local
+    /// archive, sample images through RabbitMQ, and a summary.
+    Demo(DemoArgs),
+    /// Run the Kling API simulator as an HTTP server (for local runs and tests).
+    Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory the demo archives into (created; wiped of earlier demo runs).
+    #[arg(long, default_value = "./demo-archive")]
+    pub out: PathBuf,
+    /// Simulated Kling latency per call, in milliseconds.
+    #[arg(long, default_value_t = 150)]
+    pub latency_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SIM_BIND", default_value = "127.0.0.1:8089")]
+    pub bind: SocketAddr,
+    /// Latency added to every recognize call, in milliseconds.
+    #[arg(long, env = "SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// How long result URLs stay valid, in seconds (Kling: 30 days).
+    #[arg(long, env = "SIM_RESULT_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub result_ttl_secs: u64,
+}
+
+/// Flags of the consuming worker. Each has an environment variable.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// RabbitMQ URL. May carry credentials; it is never logged.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_default_value = false)]
+    pub amqp_url: String,
+
+    /// Job queue. Dead letters go to `<queue>.dead`.
+    #[arg(long, env = "WORKER_QUEUE", default_value = DEFAULT_QUEUE)]
+    pub queue: String,
+
+    /// Jobs in flight per process (also the RabbitMQ prefetch).
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+
+    /// `x-delivery-limit` of the job queue: redeliveries before RabbitMQ
+    /// dead-letters a message. Every declarer must use the same value.
+    #[arg(long, env = "WORKER_DELIVERY_LIMIT", default_value_t = 10)]
+    pub delivery_limit: u32,
+
+    /// Kling API base URL.
+    #[arg(long, env = "KLING_BASE_URL", default_value = DEFAULT_KLING_BASE_URL)]
+    pub kling_base_url: String,
+
+    /// Where results go: a local directory (path or file:// URL) or
+    /// `s3://bucket/prefix`.
+    #[arg(long = "archive", env = "ARCHIVE_URL", default_value = DEFAULT_ARCHIVE)]
+    pub archive_url: String,
+
+    /// Use path-style S3 addressing (MinIO and most S3-compatible servers).
+    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub s3_force_path_style: bool,
+
+    /// Let `image_url` reach loopback, link-local and private addresses
+    /// (refused by default: SSRF). For tests and private networks.
+    #[arg(long, env = "SOURCE_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub source_allow_private: bool,
+
+    /// Largest source image accepted, in bytes.
+    #[arg(long, env = "SOURCE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub source_max_bytes: u64,
+
+    /// Hosts segmentation PNGs may be downloaded from, comma-separated.
+    /// `host`, `host:port`, or `*.domain` for any subdomain.
+    #[arg(long, env = "KLING_RESULT_HOSTS", default_value = DEFAULT_RESULT_HOSTS, value_delimiter = ',')]
+    pub result_hosts: Vec<String>,
+
+    /// Largest image (in pixels) the worker will decode; bigger is refused as
+    /// a decompression bomb.
+    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = 100_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Pixels being decoded at once, worker-wide, in megapixels. Jobs wait
+    /// for budget; this bounds decode memory (~4 bytes/pixel per copy).
+    #[arg(long, env = "PIXEL_BUDGET_MP", default_value_t = 300)]
+    pub pixel_budget_mp: u32,
+
+    /// Attempts per Kling call for transient failures (including the first).
+    #[arg(long, env = "KLING_MAX_ATTEMPTS", default_value_t = 6)]
+    pub kling_max_attempts: u32,
+
+    /// Time budget for a job's Kling call, retries included, in seconds.
+    /// When it runs out the message goes back to the queue.
+    #[arg(long, env = "KLING_JOB_DEADLINE_SECS", default_value_t = 300)]
+    pub kling_job_deadline_secs: u64,
+
+    /// Timeout of one Kling HTTP request, in seconds.
+    #[arg(long, env = "KLING_REQUEST_TIMEOUT_SECS", default_value_t = 120)]
+    pub kling_request_timeout_secs: u64,
+
+    /// Seconds in-flight jobs get to finish after SIGTERM before their
+    /// messages are left unacked for redelivery.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 60)]
+    pub shutdown_timeout_secs: u64,
+}
+
+/// Validated configuration of a consuming worker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub amqp_url: SecretString,
+    pub queue: String,
+    pub concurrency: usize,
+    pub delivery_limit: u32,
+    pub kling: KlingConfig,
+    pub archive: ArchiveTarget,
+    pub s3_force_path_style: bool,
+    pub fetch: FetchConfig,
+    pub result_hosts: Vec<HostPattern>,
+    pub limits: Limits,
+    pub pixel_budget: u64,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KlingConfig {
+    pub base_url: url::Url,
+    pub access_key: String,
+    pub secret_key: SecretString,
+    pub max_attempts: u32,
+    pub job_deadline: Duration,
+    pub request_timeout: Duration,
+    /// First backoff delay; Kling asks for at least 1 s.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub allow_private: bool,
+    pub max_bytes: u64,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            max_bytes: 64 * 1024 * 1024,
+            timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An entry of `KLING_RESULT_HOSTS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// Lower-case host, without the `*.` of a wildcard.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let s = s.trim().to_ascii_lowercase();
+        let bad = || ConfigError::Invalid {
+            name: "KLING_RESULT_HOSTS",
+            reason: format!("{s:?} is not host, host:port or *.domain"),
+        };
+        let (wildcard, rest) = match s.strip_prefix("*.") {
+            Some(r) => (true, r.to_owned()),
+            None => (false, s.clone()),
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
+                (h.to_owned(), Some(p.parse::<u16>().map_err(|_| bad())?))
+            }
+            _ => (rest, None),
+        };
+        if host.is_empty() || host.contains('/') || host.contains('*') {
+            return Err(bad());
+        }
+        Ok(Self {
+            host,
+            wildcard,
+            port,
+        })
+    }
+
+    /// Does this URL's host (and port) match? Without a port in the pattern
+    /// only the scheme's default port matches.
+    pub fn matches(&self, url: &url::Url) -> bool {
+        let Some(host) = url.host_str() else {
+            return false;
+        };
+        let host = host.to_ascii_lowercase();
+        let host_ok = if self.wildcard {
+            host.strip_suffix(&self.host)
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1)
+        } else {
+            host == self.host
+        };
+        let port_ok = match self.port {
+            Some(p) => url.port_or_known_default() == Some(p),
+            None => url.port().is_none(),
+        };
+        host_ok && port_ok
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.wildcard {
+            f.write_str("*.")?;
+        }
+        f.write_str(&self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "{name} is not set; the worker refuses to start without Kling keys (set it, or {name}_FILE to a file holding it)"
+    )]
+    MissingSecret { name: &'static str },
+    #[error("could not read {name}_FILE {path}: {source}")]
+    SecretFile {
+        name: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Read a secret from `NAME`, or from the file named by `NAME_FILE`
+/// (Kubernetes / Docker secrets). Trailing newlines of a file are dropped.
+pub fn secret_from_env(name: &'static str) -> Result<SecretString, ConfigError> {
+    if let Ok(v) = std::env::var(name)
+        && !v.is_empty()
+    {
+        return Ok(SecretString::from(v));
+    }
+    let file_var = format!("{name}_FILE");
+    if let Ok(path) = std::env::var(&file_var) {
+        let v = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+            name,
+            path: path.clone(),
+            source,
+        })?;
+        let v = v.trim_end_matches(['\r', '\n']).to_owned();
+        if !v.is_empty() {
+            return Ok(SecretString::from(v));
+        }
+    }
+    Err(ConfigError::MissingSecret { name })
+}
+
+impl WorkerArgs {
+    /// Validate flags into a [`Config`]. Kling keys come from the environment.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let access_key = secret_from_env("KLING_ACCESS_KEY")?;
+        let secret_key = secret_from_env("KLING_SECRET_KEY")?;
+        self.into_config_with_keys(
+            secrecy::ExposeSecret::expose_secret(&access_key).to_owned(),
+            secret_key,
+        )
+    }
+
+    /// Validate flags with keys given directly (the demo mints its own).
+    pub fn into_config_with_keys(
+        self,
+        access_key: String,
+        secret_key: SecretString,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |name: &'static str, reason: String| ConfigError::Invalid { name, reason };
+        if self.queue.is_empty() || self.queue.len() > 200 {
+            return Err(invalid("WORKER_QUEUE", "must be 1..=200 characters".into()));
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
+        }
+        if self.delivery_limit == 0 {
+            return Err(invalid(
+                "WORKER_DELIVERY_LIMIT",
+                "must be at least 1".into(),
+            ));
+        }
+        let base_url = url::Url::parse(&self.kling_base_url)
+            .map_err(|e| invalid("KLING_BASE_URL", e.to_string()))?;
+        if !matches!(base_url.scheme(), "https" | "http") {
+            return Err(invalid("KLING_BASE_URL", "must be an http(s) URL".into()));
+        }
+        let archive = ArchiveTarget::parse(&self.archive_url)
+            .map_err(|reason| invalid("ARCHIVE_URL", reason))?;
+        let result_hosts = self
+            .result_hosts
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| HostPattern::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if result_hosts.is_empty() {
+            return Err(invalid("KLING_RESULT_HOSTS", "lists no host".into()));
+        }
+        if self.kling_max_attempts == 0 {
+            return Err(invalid("KLING_MAX_ATTEMPTS", "must be at least 1".into()));
+        }
+        let pixel_budget = u64::from(self.pixel_budget_mp) * 1_000_000;
+        if pixel_budget < self.max_image_pixels {
+            return Err(invalid(
+                "PIXEL_BUDGET_MP",
+                format!(
+                    "budget {pixel_budget} px is below MAX_IMAGE_PIXELS {}; the largest allowed image could never run",
+                    self.max_image_pixels
+                ),
+            ));
+        }
+        let limits = Limits {
+            max_pixels: self.max_image_pixels,
+            max_input_bytes: self.source_max_bytes,
+            ..Limits::default()
+        };
+        Ok(Config {
+            amqp_url: SecretString::from(self.amqp_url),
+            queue: self.queue,
+            concurrency: usize::from(self.concurrency),
+            delivery_limit: self.delivery_limit,
+            kling: KlingConfig {
+                base_url,
+                access_key,
+                secret_key,
+                max_attempts: self.kling_max_attempts,
+                job_deadline: Duration::from_secs(self.kling_job_deadline_secs),
+                request_timeout: Duration::from_secs(self.kling_request_timeout_secs),
+                min_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(30),
+            },
+            archive,
+            s3_force_path_style: self.s3_force_path_style,
+            fetch: FetchConfig {
+                allow_private: self.source_allow_private,
+                max_bytes: self.source_max_bytes,
+                ..FetchConfig::default()
+            },
+            result_hosts,
+            limits,
+            pixel_budget,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> url::Url {
+        url::Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn host_patterns_match_exactly_what_they_say() {
+        let exact = HostPattern::parse("cdn.klingai.com").unwrap();
+        assert!(exact.matches(&url("https://cdn.klingai.com/a.png")));
+        assert!(exact.matches(&url("https://CDN.klingai.com/a.png")));
+        assert!(!exact.matches(&url("https://cdn.klingai.com:8443/a.png")));
+        assert!(!exact.matches(&url("https://evil-cdn.klingai.com/a.png")));
+        assert!(!exact.matches(&url("https://cdn.klingai.com.evil.net/a.png")));
+
+        let wild = HostPattern::parse("*.klingai.com").unwrap();
+        assert!(wild.matches(&url("https://v15-kling.klingai.com/x.png")));
+        assert!(!wild.matches(&url("https://klingai.com/x.png")));
+        assert!(!wild.matches(&url("https://evilklingai.com/x.png")));
+
+        let port = HostPattern::parse("127.0.0.1:8089").unwrap();
+        assert!(port.matches(&url("http://127.0.0.1:8089/cdn/x.png")));
+        assert!(!port.matches(&url("http://127.0.0.1:8090/cdn/x.png")));
+        assert_eq!(port.to_string(), "127.0.0.1:8089");
+
+        for bad in ["", "a/b", "x:notaport", "*.", "a*.b"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cli_parses_the_contract_defaults() {
+        let cli = Cli::try_parse_from(["worker"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.worker.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(cli.worker.queue, DEFAULT_QUEUE);
+        assert_eq!(cli.worker.kling_base_url, DEFAULT_KLING_BASE_URL);
+        let cli = Cli::try_parse_from(["worker", "--concurrency", "32", "--source-allow-private"])
+            .unwrap();
+        assert_eq!(cli.worker.concurrency, 32);
+        assert!(cli.worker.source_allow_private);
+    }
+
+    #[test]
+    fn config_debug_redacts_secrets() {
+        let cli = Cli::try_parse_from(["worker", "--amqp-url", "amqp://u:hunter2@h/%2f"]).unwrap();
+        let cfg = cli
+            .worker
+            .into_config_with_keys("ak".into(), SecretString::from("very-secret-key"))
+            .unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("very-secret-key"), "{dbg}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+}

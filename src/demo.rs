@@ -1,0 +1,328 @@
+//! `worker demo`: the whole product in one command, with nothing but
+//! RabbitMQ running. It starts the Kling simulator in-process, archives into
+//! a local directory, publishes generated sample images to a private queue,
+//! runs the real worker on them, prints what happened, and removes its
+//! queues so nothing is left behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::manifest::Manifest;
+use crate::archive::{ObjectKey, Store};
+use crate::broker::{JobEvent, Topology, Worker};
+use crate::config::{DemoArgs, HostPattern, WorkerArgs};
+use crate::pipeline::Outcome;
+use crate::sim::{SimConfig, Simulator};
+
+/// A generated sample and what the demo expects of it.
+pub struct Sample {
+    pub job_id: &'static str,
+    pub what: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+/// Sample images: in spec, out of spec in each fixable way, and one broken.
+pub fn samples() -> Vec<Sample> {
+    vec![
+        Sample {
+            job_id: "demo-in-spec-jpeg",
+            what: "800x1000 JPEG, in spec: sent untouched",
+            bytes: encode(&scene(800, 1000, 1), image::ImageFormat::Jpeg),
+        },
+        Sample {
+            job_id: "demo-in-spec-png",
+            what: "640x480 PNG, in spec: sent untouched",
+            bytes: encode(&scene(640, 480, 2), image::ImageFormat::Png),
+        },
+        Sample {
+            job_id: "demo-thumbnail",
+            what: "200x150 PNG: upscaled to 300 px",
+            bytes: encode(&scene(200, 150, 3), image::ImageFormat::Png),
+        },
+        Sample {
+            job_id: "demo-panorama",
+            what: "2000x500 JPEG (4:1): padded to 2.5:1",
+            bytes: encode(&scene(2000, 500, 4), image::ImageFormat::Jpeg),
+        },
+        Sample {
+            job_id: "demo-webp",
+            what: "600x600 WebP: re-encoded to JPEG",
+            bytes: encode(&scene(600, 600, 5), image::ImageFormat::WebP),
+        },
+        Sample {
+            job_id: "demo-broken",
+            what: "a truncated JPEG: dead-lettered",
+            bytes: broken_jpeg(),
+        },
+    ]
+}
+
+/// A simple scene: a gradient background and a coloured "subject" with a
+/// "head", so the simulator's masks have something to find.
+pub fn scene(w: u32, h: u32, seed: u8) -> image::RgbImage {
+    let (cx, cy) = (w as f32 / 2.0, h as f32 * 0.6);
+    let (rx, ry) = (w as f32 * 0.22, h as f32 * 0.3);
+    let (hx, hy, hr) = (cx, h as f32 * 0.22, (w.min(h) as f32) * 0.12);
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (x as f32, y as f32);
+        let body = ((fx - cx) / rx).powi(2) + ((fy - cy) / ry).powi(2) <= 1.0;
+        let head = (fx - hx).powi(2) + (fy - hy).powi(2) <= hr * hr;
+        if head {
+            image::Rgb([230, 180, 150])
+        } else if body {
+            image::Rgb([40u8.wrapping_add(seed * 30), 60, 170])
+        } else {
+            let g = (200.0 + 40.0 * fy / h as f32) as u8;
+            image::Rgb([g, g, g.saturating_sub(seed)])
+        }
+    })
+}
+
+fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    // Encoding a generated in-memory image cannot fail for these formats.
+    if let Err(e) = img.write_to(&mut out, format) {
+        unreachable!("encoding a generated sample failed: {e}");
+    }
+    out.into_inner()
+}
+
+fn broken_jpeg() -> Vec<u8> {
+    let mut b = encode(&scene(640, 480, 6), image::ImageFormat::Jpeg);
+    b.truncate(400);
+    b
+}
+
+pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> {
+    let access_key = format!("demo-ak-{:08x}", fastrand::u32(..));
+    let secret_key = format!(
+        "demo-sk-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
+    let mut sim_cfg = SimConfig::new(access_key.clone(), secret_key.clone());
+    sim_cfg.latency = Duration::from_millis(args.latency_ms);
+    let sim = Simulator::start(sim_cfg)
+        .await
+        .context("starting the Kling simulator")?;
+
+    if args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .with_context(|| format!("clearing {}", args.out.display()))?;
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let out = std::fs::canonicalize(&args.out)?;
+
+    let queue = format!(
+        "kling.demo.{}-{:04x}",
+        std::process::id(),
+        fastrand::u16(..)
+    );
+    let mut config = worker_args
+        .into_config_with_keys(access_key, secret_key.into())
+        .context("demo configuration")?;
+    config.queue = queue.clone();
+    config.concurrency = 4;
+    config.kling.base_url = url::Url::parse(&sim.base_url())?;
+    config.kling.min_backoff = Duration::from_millis(200);
+    config.archive = crate::archive::ArchiveTarget::Local(out.clone());
+    config.result_hosts = vec![HostPattern::parse(&sim.result_host())?];
+    config.shutdown_timeout = Duration::from_secs(10);
+
+    println!("kling-archiver demo");
+    println!(
+        "  Kling simulator  {} ({} ms per call)",
+        sim.base_url(),
+        args.latency_ms
+    );
+    println!("  RabbitMQ queue   {queue} (removed at the end)");
+    println!("  archive          {}", out.display());
+    println!();
+
+    let conn = crate::broker::connect(&config.amqp_url, "demo")
+        .await
+        .context("RabbitMQ is not reachable at AMQP_URL; start it (e.g. `rabbitmq-server -detached`) and retry")?;
+    let ch = conn.create_channel().await?;
+    let topology = Topology::new(queue.clone(), config.delivery_limit);
+    topology.declare(&ch).await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+
+    let samples = samples();
+    for s in &samples {
+        let body = serde_json::json!({
+            "job_id": s.job_id,
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(&s.bytes),
+            "labels": { "source": "demo" },
+        });
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.clone().into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            bail!("RabbitMQ did not confirm the demo job {}", s.job_id);
+        }
+    }
+    println!("published {} jobs; processing…", samples.len());
+
+    let pipeline = Arc::new(crate::build_pipeline(&config).await?);
+    let store = pipeline.store().clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(
+        Worker::new(Arc::new(config), pipeline)
+            .with_events(tx)
+            .run(shutdown.clone()),
+    );
+
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while events.len() < samples.len() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(JobEvent::Requeued { .. })) => {}
+            Ok(Some(JobEvent::Fatal { reason, .. })) => {
+                shutdown.cancel();
+                bail!("the worker stopped on a fatal error: {reason}");
+            }
+            Ok(Some(e)) => events.push(e),
+            Ok(None) => bail!("the worker stopped early: {:?}", worker.await),
+            Err(_) => bail!(
+                "timed out: {} of {} jobs settled",
+                events.len(),
+                samples.len()
+            ),
+        }
+    }
+    shutdown.cancel();
+    worker.await?.context("worker")?;
+
+    // Leave nothing behind on the broker.
+    ch.queue_delete(queue.clone().into(), QueueDeleteOptions::default())
+        .await?;
+    ch.queue_delete(
+        topology.dead_letter_queue().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await?;
+    ch.exchange_delete(
+        topology.dead_letter_exchange().into(),
+        ExchangeDeleteOptions::default(),
+    )
+    .await?;
+    let _ = conn.close(200, "demo done".into()).await;
+
+    print_summary(&samples, &events, &store, &sim).await;
+    sim.shutdown();
+    Ok(())
+}
+
+async fn print_summary(
+    samples: &[Sample],
+    events: &[JobEvent],
+    store: &Store,
+    sim: &crate::sim::SimHandle,
+) {
+    println!();
+    let mut archived = 0;
+    let mut dead = 0;
+    for s in samples {
+        let ev = events.iter().find(|e| match e {
+            JobEvent::Archived { job_id, .. } => job_id == s.job_id,
+            JobEvent::DeadLettered { job_id, .. } => job_id.as_deref() == Some(s.job_id),
+            _ => false,
+        });
+        println!("{}  ({})", s.job_id, s.what);
+        match ev {
+            Some(JobEvent::Archived {
+                outcome:
+                    Outcome::Archived {
+                        manifest_key,
+                        segments,
+                        ..
+                    },
+                ..
+            }) => {
+                archived += 1;
+                let detail = manifest_detail(store, manifest_key)
+                    .await
+                    .unwrap_or_default();
+                println!("    archived   {segments} segment PNGs{detail}");
+                println!("    manifest   {manifest_key}");
+            }
+            Some(JobEvent::Archived {
+                outcome: Outcome::AlreadyArchived { manifest_key },
+                ..
+            }) => {
+                archived += 1;
+                println!("    already archived: {manifest_key}");
+            }
+            Some(JobEvent::DeadLettered { code, reason, .. }) => {
+                dead += 1;
+                println!("    dead-lettered  [{code}] {reason}");
+            }
+            _ => println!("    (no outcome)"),
+        }
+    }
+    let stats = sim.stats();
+    println!();
+    println!(
+        "{archived} archived, {dead} dead-lettered; {} Kling calls billed.",
+        stats.billed_calls
+    );
+    println!(
+        "Results are under {}: start at jobs/<job_id>/manifest.json.",
+        store.describe()
+    );
+}
+
+async fn manifest_detail(store: &Store, key: &str) -> Option<String> {
+    let bytes = store.get(&ObjectKey::parse(key).ok()?).await.ok()??;
+    let m: Manifest = serde_json::from_slice(&bytes).ok()?;
+    let steps = serde_json::to_value(&m.prepared.transforms).ok()?;
+    let ops: Vec<String> = steps
+        .get("steps")
+        .and_then(|s| s.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.get("op").and_then(|o| o.as_str()).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let missing = m
+        .segments
+        .iter()
+        .filter(|s| !s.is_contain)
+        .map(|s| s.kind.to_string())
+        .collect::<Vec<_>>();
+    let mut d = format!(
+        "; sent {}x{} {}",
+        m.prepared.width,
+        m.prepared.height,
+        if m.prepared.passthrough {
+            "untouched".to_owned()
+        } else {
+            format!("after {}", ops.join(" + "))
+        }
+    );
+    if !missing.is_empty() {
+        d.push_str(&format!("; not found: {}", missing.join(", ")));
+    }
+    Some(d)
+}

@@ -1,0 +1,104 @@
+//! kling-archiver: a RabbitMQ worker that sends images to Kling's
+//! image-recognize API and archives every returned segmentation PNG, with a
+//! manifest, before Kling deletes them.
+//!
+//! Data flows one way: [`broker`] → [`pipeline`] → stages ([`fetch`],
+//! [`prepare`], [`kling`]) → [`archive`]. Start at `docs/ARCHITECTURE.md`.
+
+pub mod archive;
+pub mod broker;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fetch;
+pub mod job;
+pub mod kling;
+pub mod pipeline;
+pub mod prepare;
+pub mod sim;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::Store;
+use crate::archive::download::ResultDownloader;
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::kling::KlingClient;
+use crate::pipeline::Pipeline;
+
+/// Build the S3 client from the AWS SDK's standard environment
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials, profiles, roles).
+/// Nothing is contacted until the first request.
+pub async fn s3_client(force_path_style: bool) -> aws_sdk_s3::Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .operation_attempt_timeout(std::time::Duration::from_secs(120))
+                .operation_timeout(std::time::Duration::from_secs(600))
+                .build(),
+        )
+        .load()
+        .await;
+    let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(force_path_style);
+    if shared.region().is_none() {
+        // S3-compatible servers rarely care; AWS needs the real one.
+        conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
+    }
+    aws_sdk_s3::Client::from_conf(conf.build())
+}
+
+/// Why the worker could not be assembled.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    #[error(transparent)]
+    Kling(#[from] kling::KlingError),
+    #[error(transparent)]
+    Download(#[from] archive::download::DownloadError),
+}
+
+/// Assemble the pipeline a [`Config`] describes.
+pub async fn build_pipeline(config: &Config) -> Result<Pipeline, BuildError> {
+    let s3 = s3_client(config.s3_force_path_style).await;
+    build_pipeline_with(config, s3)
+}
+
+/// As [`build_pipeline`], with a given S3 client.
+pub fn build_pipeline_with(
+    config: &Config,
+    s3: aws_sdk_s3::Client,
+) -> Result<Pipeline, BuildError> {
+    let store = Store::open(&config.archive, &s3);
+    Ok(Pipeline::new(
+        Fetcher::new(config.fetch.clone(), s3)?,
+        KlingClient::new(config.kling.clone())?,
+        store,
+        ResultDownloader::new(config.result_hosts.clone())?,
+        config.limits.clone(),
+        config.pixel_budget,
+    ))
+}
+
+/// Run a consuming worker until `shutdown` or a fatal error.
+pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let pipeline = Arc::new(build_pipeline(&config).await?);
+    broker::Worker::new(Arc::new(config), pipeline)
+        .run(shutdown)
+        .await?;
+    Ok(())
+}
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+}

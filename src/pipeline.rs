@@ -1,0 +1,614 @@
+//! One job, end to end: fetch → prepare → recognize → archive → manifest.
+//!
+//! The order of writes is the durability contract:
+//!
+//! 1. source and prepared images (content-addressed, create-if-absent);
+//! 2. the recognition record, the moment Kling answers (before any
+//!    download), so nothing after a billed call can make us pay again;
+//! 3. every segment PNG;
+//! 4. the manifest, create-if-absent, last.
+//!
+//! A job whose manifest exists is done. A job that finds a recognition
+//! record for its prepared image reuses it instead of calling Kling.
+//!
+//! Knows nothing about RabbitMQ: the broker calls [`Pipeline::run`] and acts
+//! on the result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Semaphore;
+
+use crate::archive::download::{DownloadError, ResultDownloader};
+use crate::archive::manifest::{
+    Manifest, PreparedImage, RecognitionRecord, SCHEMA_VERSION, SegmentEntry, SourceImage,
+    WorkerInfo, now_rfc3339,
+};
+use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, StoreError, layout};
+use crate::error::{Classify, Disposition};
+use crate::fetch::{FetchError, Fetcher};
+use crate::job::{Job, JobId, labels_metadata_value};
+use crate::kling::{KlingClient, KlingError, Recognition, SegmentResult};
+use crate::prepare::{self, Limits, PrepareError, Prepared, SourceFormat, Spec};
+
+/// Segment downloads in flight per job.
+const SEGMENT_PARALLELISM: usize = 4;
+
+/// A test seam: code run just before the manifest is written.
+pub type Hook = Arc<dyn Fn(JobId) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub before_manifest: Option<Hook>,
+}
+
+/// What a finished job produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Archived {
+        manifest_key: String,
+        request_id: String,
+        reused_recognition: bool,
+        segments: usize,
+        cost: String,
+    },
+    /// The manifest already existed: nothing to do (redelivery, duplicate).
+    AlreadyArchived { manifest_key: String },
+}
+
+/// Everything a job needs; shared by all jobs of a worker.
+pub struct Pipeline {
+    fetcher: Fetcher,
+    kling: KlingClient,
+    store: Store,
+    downloader: ResultDownloader,
+    spec: Spec,
+    limits: Limits,
+    cpu: Arc<Semaphore>,
+    pixels: Arc<Semaphore>,
+    pixel_permits: u32,
+    hooks: Hooks,
+}
+
+impl Pipeline {
+    pub fn new(
+        fetcher: Fetcher,
+        kling: KlingClient,
+        store: Store,
+        downloader: ResultDownloader,
+        limits: Limits,
+        pixel_budget: u64,
+    ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let pixel_permits = u32::try_from(pixel_budget.div_ceil(1_000_000))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        Self {
+            fetcher,
+            kling,
+            store,
+            downloader,
+            spec: Spec::KLING,
+            limits,
+            cpu: Arc::new(Semaphore::new(cores)),
+            pixels: Arc::new(Semaphore::new(pixel_permits as usize)),
+            pixel_permits,
+            hooks: Hooks::default(),
+        }
+    }
+
+    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Run one job. The caller acks on `Ok`, and acts on the error's
+    /// [`Classify::disposition`] otherwise.
+    pub async fn run(&self, job: &Job) -> Result<Outcome, PipelineError> {
+        let manifest_key = layout::manifest(&job.id);
+        if self.store.head(&manifest_key).await?.is_some() {
+            tracing::info!("manifest exists; job already archived");
+            return Ok(Outcome::AlreadyArchived {
+                manifest_key: self.store.full_key(&manifest_key),
+            });
+        }
+
+        let source = self.fetcher.fetch(&job.source).await?;
+        let p = self.prepare(source.clone()).await?;
+        tracing::info!(
+            source.bytes = p.source_bytes,
+            source.format = ?p.prepared.source.format,
+            prepared.bytes = p.prepared.bytes.len(),
+            passthrough = p.prepared.is_passthrough(),
+            "prepared"
+        );
+        let (source_key, prepared_key) = self.store_images(job, source, &p).await?;
+
+        let (mut record, mut reused) = self.recognition(job, &p).await?;
+        tracing::Span::current().record("kling.request_id", record.recognition.request_id.as_str());
+        let segments = match self.archive_segments(job, &record, &p).await {
+            Err(PipelineError::Download(DownloadError::Expired { .. })) if reused => {
+                // The stored answer's URLs are gone (Kling keeps them 30 days):
+                // pay for one new call rather than lose the job.
+                tracing::warn!(
+                    stale_request_id = record.recognition.request_id,
+                    "stored recognition's results expired; recognizing again"
+                );
+                record = self.call_kling(job, &p).await?;
+                reused = false;
+                tracing::Span::current()
+                    .record("kling.request_id", record.recognition.request_id.as_str());
+                self.archive_segments(job, &record, &p).await?
+            }
+            other => other?,
+        };
+
+        if let Some(hook) = &self.hooks.before_manifest {
+            hook(job.id.clone()).await;
+        }
+
+        let rec = &record.recognition;
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION,
+            job_id: job.id.to_string(),
+            request_id: rec.request_id.clone(),
+            final_unit_deduction: rec.final_unit_deduction.clone(),
+            labels: job.labels.clone(),
+            source: SourceImage {
+                uri: job.source.describe(),
+                sha256: p.source_sha,
+                format: p.prepared.source.format,
+                width: p.prepared.source.width,
+                height: p.prepared.source.height,
+                bytes: p.source_bytes,
+                orientation: p.prepared.source.orientation,
+                key: source_key,
+            },
+            prepared: PreparedImage {
+                sha256: p.prepared_sha,
+                format: p.prepared.format,
+                width: p.prepared.width,
+                height: p.prepared.height,
+                bytes: p.prepared.bytes.len() as u64,
+                passthrough: p.prepared.is_passthrough(),
+                violations: p.prepared.violations.clone(),
+                transforms: p.prepared.transforms.clone(),
+                key: prepared_key,
+            },
+            segments,
+            reused_recognition: reused,
+            recognized_at: record.recognized_at.clone(),
+            archived_at: now_rfc3339(),
+            worker: WorkerInfo::current(),
+        };
+        let body =
+            Bytes::from(serde_json::to_vec_pretty(&manifest).map_err(PipelineError::internal)?);
+        let mut metadata = base_metadata(job, &rec.request_id);
+        metadata.insert("schema-version".into(), SCHEMA_VERSION.to_string());
+        let meta = PutMeta {
+            content_type: "application/json",
+            sha256: Sha256::of(&body),
+            metadata,
+        };
+        let created = self.store.put_if_absent(&manifest_key, body, &meta).await?;
+        let manifest_key = self.store.full_key(&manifest_key);
+        if created == Created::AlreadyExisted {
+            tracing::info!("another worker wrote the manifest first");
+            return Ok(Outcome::AlreadyArchived { manifest_key });
+        }
+        Ok(Outcome::Archived {
+            manifest_key,
+            request_id: rec.request_id.clone(),
+            reused_recognition: reused,
+            segments: manifest.segments.iter().filter(|s| s.key.is_some()).count(),
+            cost: rec.final_unit_deduction.clone(),
+        })
+    }
+
+    /// Probe, fix and hash on the blocking pool, within the CPU and pixel budgets.
+    async fn prepare(&self, source: Bytes) -> Result<PreparedJob, PipelineError> {
+        let probe = prepare::probe(&source)?;
+        let needs_decode = !prepare::check(&probe, &self.spec).is_empty();
+        let mp = if needs_decode {
+            let px = prepare::estimate_decode_pixels(&probe);
+            if px > self.limits.max_pixels {
+                return Err(PrepareError::TooManyPixels {
+                    width: probe.width,
+                    height: probe.height,
+                    max_pixels: self.limits.max_pixels,
+                }
+                .into());
+            }
+            u32::try_from(px.div_ceil(1_000_000))
+                .unwrap_or(u32::MAX)
+                .clamp(1, self.pixel_permits)
+        } else {
+            0
+        };
+        let _pixels = if mp > 0 {
+            Some(
+                self.pixels
+                    .clone()
+                    .acquire_many_owned(mp)
+                    .await
+                    .map_err(PipelineError::internal)?,
+            )
+        } else {
+            None
+        };
+        let _cpu = self
+            .cpu
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(PipelineError::internal)?;
+        let spec = self.spec;
+        let limits = self.limits.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            let source_sha = Sha256::of(&source);
+            let source_bytes = source.len() as u64;
+            let prepared = prepare::prepare(source, &spec, &limits)?;
+            let prepared_sha = if prepared.is_passthrough() {
+                source_sha
+            } else {
+                Sha256::of(&prepared.bytes)
+            };
+            Ok(PreparedJob {
+                prepared,
+                source_sha,
+                source_bytes,
+                prepared_sha,
+            })
+        })
+        .await
+        .map_err(PipelineError::internal)?
+    }
+
+    /// Archive the source and the prepared image (one object when passed through).
+    async fn store_images(
+        &self,
+        job: &Job,
+        source: Bytes,
+        p: &PreparedJob,
+    ) -> Result<(String, String), PipelineError> {
+        let src_ext = source_extension(p.prepared.source.format);
+        let source_key = layout::image(&p.source_sha, src_ext);
+        let mut meta = BTreeMap::from([
+            ("job-id".to_owned(), job.id.to_string()),
+            ("role".to_owned(), "source".to_owned()),
+        ]);
+        self.store
+            .put_if_absent(
+                &source_key,
+                source,
+                &PutMeta {
+                    content_type: content_type_for(src_ext),
+                    sha256: p.source_sha,
+                    metadata: meta.clone(),
+                },
+            )
+            .await?;
+        let prepared_key = if p.prepared.is_passthrough() {
+            source_key.clone()
+        } else {
+            let key = layout::image(&p.prepared_sha, p.prepared.format.extension());
+            meta.insert("role".into(), "prepared".into());
+            meta.insert("source-sha256".into(), p.source_sha.hex());
+            self.store
+                .put_if_absent(
+                    &key,
+                    p.prepared.bytes.clone(),
+                    &PutMeta {
+                        content_type: p.prepared.format.content_type(),
+                        sha256: p.prepared_sha,
+                        metadata: meta,
+                    },
+                )
+                .await?;
+            key
+        };
+        Ok((
+            self.store.full_key(&source_key),
+            self.store.full_key(&prepared_key),
+        ))
+    }
+
+    /// The stored answer for this prepared image, or a new (billed) call.
+    async fn recognition(
+        &self,
+        job: &Job,
+        p: &PreparedJob,
+    ) -> Result<(RecognitionRecord, bool), PipelineError> {
+        let key = layout::recognition(&p.prepared_sha);
+        if let Some(bytes) = self.store.get(&key).await? {
+            match serde_json::from_slice::<RecognitionRecord>(&bytes) {
+                Ok(rec) if rec.prepared_sha256 == p.prepared_sha => {
+                    tracing::info!(
+                        request_id = rec.recognition.request_id,
+                        first_job = rec.job_id,
+                        "reusing stored recognition; no Kling call"
+                    );
+                    return Ok((rec, true));
+                }
+                Ok(_) => {
+                    tracing::warn!(key = %key, "recognition record is for another image; ignoring it")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "recognition record unreadable; ignoring it")
+                }
+            }
+        }
+        Ok((self.call_kling(job, p).await?, false))
+    }
+
+    async fn call_kling(
+        &self,
+        job: &Job,
+        p: &PreparedJob,
+    ) -> Result<RecognitionRecord, PipelineError> {
+        let bytes = p.prepared.bytes.clone();
+        let b64 = {
+            let _cpu = self
+                .cpu
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(PipelineError::internal)?;
+            tokio::task::spawn_blocking(move || {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(&bytes)
+            })
+            .await
+            .map_err(PipelineError::internal)?
+        };
+        let recognition: Recognition = self.kling.recognize(&b64).await?;
+        drop(b64);
+        let record = RecognitionRecord {
+            schema_version: SCHEMA_VERSION,
+            prepared_sha256: p.prepared_sha,
+            job_id: job.id.to_string(),
+            recognized_at: now_rfc3339(),
+            recognition,
+        };
+        tracing::info!(
+            kling.request_id = record.recognition.request_id,
+            cost = record.recognition.final_unit_deduction,
+            segments = record.recognition.segments.len(),
+            "kling recognized the image"
+        );
+        // This call was billed: try hard to remember it.
+        let body =
+            Bytes::from(serde_json::to_vec_pretty(&record).map_err(PipelineError::internal)?);
+        let key = layout::recognition(&p.prepared_sha);
+        let meta = PutMeta {
+            content_type: "application/json",
+            sha256: Sha256::of(&body),
+            metadata: base_metadata(job, &record.recognition.request_id),
+        };
+        (|| self.store.put(&key, body.clone(), &meta))
+            .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(500)).with_max_times(5).with_jitter())
+            .when(|e: &StoreError| e.disposition() == Disposition::Transient)
+            .await
+            .inspect_err(|e| tracing::error!(error = %e, "could not store a billed recognition; a retry will pay again"))?;
+        Ok(record)
+    }
+
+    /// Download every contained segment (skipping those already stored by
+    /// an earlier attempt) and store it byte for byte.
+    async fn archive_segments(
+        &self,
+        job: &Job,
+        record: &RecognitionRecord,
+        p: &PreparedJob,
+    ) -> Result<Vec<SegmentEntry>, PipelineError> {
+        let rec = &record.recognition;
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let planned: Vec<_> = rec
+            .segments
+            .iter()
+            .map(|s| {
+                let n = seen.entry(s.kind.as_str()).or_default();
+                let key = layout::segment(&rec.request_id, &s.kind, *n);
+                *n += 1;
+                (s, key)
+            })
+            .collect();
+        let work: Vec<_> = planned
+            .into_iter()
+            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key))
+            .collect();
+        futures::stream::iter(work)
+            .buffered(SEGMENT_PARALLELISM)
+            .try_collect()
+            .await
+    }
+
+    async fn archive_segment(
+        &self,
+        job: &Job,
+        rec: &Recognition,
+        p: &PreparedJob,
+        seg: &SegmentResult,
+        key: ObjectKey,
+    ) -> Result<SegmentEntry, PipelineError> {
+        let url = match (&seg.url, seg.is_contain) {
+            (Some(url), true) => url,
+            _ => {
+                return Ok(SegmentEntry {
+                    kind: seg.kind.clone(),
+                    is_contain: false,
+                    key: None,
+                    sha256: None,
+                    bytes: None,
+                    width: None,
+                    height: None,
+                });
+            }
+        };
+        // Stored by an earlier attempt of this job: keep it, don't download again.
+        if let Some(info) = self.store.head(&key).await?
+            && let Some(sha) = info.sha256()
+        {
+            let dim = |k: &str| info.metadata.get(k).and_then(|v| v.parse().ok());
+            return Ok(SegmentEntry {
+                kind: seg.kind.clone(),
+                is_contain: true,
+                key: Some(self.store.full_key(&key)),
+                sha256: Some(sha),
+                bytes: Some(info.size),
+                width: dim("width"),
+                height: dim("height"),
+            });
+        }
+        let png = self.downloader.download(url).await?;
+        let bytes = png.bytes.clone();
+        let sha = tokio::task::spawn_blocking(move || Sha256::of(&bytes))
+            .await
+            .map_err(PipelineError::internal)?;
+        let mut metadata = base_metadata(job, &rec.request_id);
+        metadata.insert("segment-type".into(), seg.kind.to_string());
+        metadata.insert("source-sha256".into(), p.source_sha.hex());
+        metadata.insert("prepared-sha256".into(), p.prepared_sha.hex());
+        metadata.insert("width".into(), png.width.to_string());
+        metadata.insert("height".into(), png.height.to_string());
+        let size = png.bytes.len() as u64;
+        self.store
+            .put(
+                &key,
+                png.bytes,
+                &PutMeta {
+                    content_type: "image/png",
+                    sha256: sha,
+                    metadata,
+                },
+            )
+            .await?;
+        tracing::debug!(kind = %seg.kind, bytes = size, "segment archived");
+        Ok(SegmentEntry {
+            kind: seg.kind.clone(),
+            is_contain: true,
+            key: Some(self.store.full_key(&key)),
+            sha256: Some(sha),
+            bytes: Some(size),
+            width: Some(png.width),
+            height: Some(png.height),
+        })
+    }
+}
+
+struct PreparedJob {
+    prepared: Prepared,
+    source_sha: Sha256,
+    source_bytes: u64,
+    prepared_sha: Sha256,
+}
+
+/// Metadata every object of a job carries.
+fn base_metadata(job: &Job, request_id: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::from([
+        ("job-id".to_owned(), job.id.to_string()),
+        ("request-id".to_owned(), ascii(request_id)),
+    ]);
+    if !job.labels.is_empty() {
+        m.insert("labels".into(), labels_metadata_value(&job.labels));
+    }
+    m
+}
+
+/// Metadata values travel as HTTP headers: keep them printable ASCII.
+fn ascii(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn source_extension(f: SourceFormat) -> &'static str {
+    match f {
+        SourceFormat::Jpeg => "jpg",
+        SourceFormat::Png => "png",
+        SourceFormat::Webp => "webp",
+        SourceFormat::Gif => "gif",
+        SourceFormat::Bmp => "bmp",
+        SourceFormat::Tiff => "tiff",
+        _ => "bin",
+    }
+}
+
+fn content_type_for(ext: &str) -> &'static str {
+    match ext {
+        "jpg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tiff" => "image/tiff",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Why a job failed, from whichever stage failed it.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Kling(#[from] KlingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    /// A bug or a panic; retried, and the delivery limit ends a poison loop.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl PipelineError {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        PipelineError::Internal(e.to_string())
+    }
+}
+
+impl Classify for PipelineError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            PipelineError::Fetch(e) => e.disposition(),
+            PipelineError::Prepare(e) => e.disposition(),
+            PipelineError::Kling(e) => e.disposition(),
+            PipelineError::Store(e) => e.disposition(),
+            PipelineError::Download(e) => e.disposition(),
+            PipelineError::Internal(_) => Disposition::Transient,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            PipelineError::Fetch(e) => e.code(),
+            PipelineError::Prepare(e) => e.code(),
+            PipelineError::Kling(e) => e.code(),
+            PipelineError::Store(e) => e.code(),
+            PipelineError::Download(e) => e.code(),
+            PipelineError::Internal(_) => "internal",
+        }
+    }
+}

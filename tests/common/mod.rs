@@ -1,0 +1,447 @@
+//! Shared test harness: a real S3 server (s3s-fs, in-process), the Kling
+//! simulator, real RabbitMQ with per-test queue names, and helpers to run
+//! the worker in-process and inspect queues over AMQP.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser as _;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kling_archiver::archive::{ArchiveTarget, Store};
+use kling_archiver::broker::{JobEvent, Topology, Worker};
+use kling_archiver::config::{Cli, Config, HostPattern};
+use kling_archiver::pipeline::{Hooks, Pipeline};
+use kling_archiver::sim::{SimConfig, SimHandle, Simulator};
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const S3_AK: &str = "test-ak";
+pub const S3_SK: &str = "test-sk-0123456789";
+pub const KLING_AK: &str = "kling-test-ak";
+pub const KLING_SK: &str = "kling-test-sk";
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| AMQP_URL.to_owned())
+}
+
+/// A short random suffix for queue, bucket and prefix names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:08x}", fastrand::u32(..))
+}
+
+/// An in-process S3 server over a temp directory.
+pub struct S3Server {
+    pub endpoint: String,
+    pub client: aws_sdk_s3::Client,
+    pub dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub async fn start_s3() -> S3Server {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
+    let mut b = s3s::service::S3ServiceBuilder::new(fs);
+    b.set_auth(s3s::auth::SimpleAuth::from_single(S3_AK, S3_SK));
+    let service = b.build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                () = stop2.cancelled() => return,
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), service)
+                    .await;
+            });
+        }
+    });
+    let endpoint = format!("http://{addr}");
+    S3Server {
+        client: s3_client(&endpoint),
+        endpoint,
+        dir,
+        stop,
+    }
+}
+
+pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new(S3_AK, S3_SK, None, None, "test");
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version_latest()
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+pub async fn create_bucket(client: &aws_sdk_s3::Client, bucket: &str) {
+    client
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("create bucket");
+}
+
+/// RabbitMQ must be running: a missing broker fails the test, never skips it.
+pub async fn amqp() -> lapin::Connection {
+    lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ is not reachable at {}: {e}. Start it with `rabbitmq-server -detached`.",
+                amqp_url()
+            )
+        })
+}
+
+pub async fn start_sim() -> SimHandle {
+    Simulator::start(SimConfig::new(KLING_AK, KLING_SK))
+        .await
+        .expect("start simulator")
+}
+
+/// Which archive backend a test uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    S3,
+    Local,
+}
+
+/// One test's world: its own queue, bucket/dir, simulator.
+pub struct TestEnv {
+    pub s3: S3Server,
+    pub sim: SimHandle,
+    pub queue: String,
+    pub bucket: String,
+    pub local_dir: tempfile::TempDir,
+    pub backend: Backend,
+    pub conn: lapin::Connection,
+    pub channel: lapin::Channel,
+    pub delivery_limit: u32,
+}
+
+impl TestEnv {
+    pub async fn new(backend: Backend) -> Self {
+        kling_archiver::telemetry::init_for_tests();
+        let s3 = start_s3().await;
+        let bucket = unique("b");
+        create_bucket(&s3.client, &bucket).await;
+        let sim = start_sim().await;
+        let conn = amqp().await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let queue = unique("t.kling.");
+        let delivery_limit = 5;
+        Topology::new(queue.clone(), delivery_limit)
+            .declare(&channel)
+            .await
+            .expect("declare");
+        Self {
+            s3,
+            sim,
+            queue,
+            bucket,
+            local_dir: tempfile::tempdir().expect("tmp"),
+            backend,
+            conn,
+            channel,
+            delivery_limit,
+        }
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.queue.clone(), self.delivery_limit)
+    }
+
+    /// The worker configuration for this environment, built through the
+    /// real flag parser.
+    pub fn config(&self) -> Config {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--amqp-url",
+            &amqp_url(),
+            "--queue",
+            &self.queue,
+            "--concurrency",
+            "4",
+            "--delivery-limit",
+            &self.delivery_limit.to_string(),
+            "--kling-base-url",
+            &self.sim.base_url(),
+            "--archive",
+            &match self.backend {
+                Backend::S3 => format!("s3://{}/arch", self.bucket),
+                Backend::Local => self.local_dir.path().display().to_string(),
+            },
+            "--result-hosts",
+            &self.sim.result_host(),
+            "--s3-force-path-style",
+            "--shutdown-timeout-secs",
+            "10",
+        ])
+        .expect("flags");
+        let mut cfg = cli
+            .worker
+            .into_config_with_keys(KLING_AK.into(), KLING_SK.into())
+            .expect("config");
+        cfg.kling.min_backoff = Duration::from_millis(20);
+        cfg.kling.max_backoff = Duration::from_millis(200);
+        cfg
+    }
+
+    pub fn store(&self) -> Store {
+        match self.backend {
+            Backend::S3 => Store::open(
+                &ArchiveTarget::S3 {
+                    bucket: self.bucket.clone(),
+                    prefix: "arch".into(),
+                },
+                &self.s3.client,
+            ),
+            Backend::Local => Store::local(self.local_dir.path()),
+        }
+    }
+
+    pub fn pipeline(&self, config: &Config, hooks: Hooks) -> Arc<Pipeline> {
+        let p =
+            kling_archiver::build_pipeline_with(config, self.s3.client.clone()).expect("pipeline");
+        Arc::new(p.with_hooks(hooks))
+    }
+
+    /// Start a worker in-process.
+    pub fn start_worker(&self, config: Config, hooks: Hooks) -> RunningWorker {
+        let pipeline = self.pipeline(&config, hooks);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(
+            Worker::new(Arc::new(config), pipeline)
+                .with_events(tx)
+                .run(shutdown.clone()),
+        );
+        RunningWorker {
+            handle,
+            events: rx,
+            shutdown,
+        }
+    }
+
+    pub async fn publish(&self, body: &[u8]) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.queue.clone().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "publish not confirmed");
+    }
+
+    pub async fn publish_json(&self, v: serde_json::Value) {
+        self.publish(v.to_string().as_bytes()).await;
+    }
+
+    /// Messages ready in a queue (passive declare).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = ch.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Drain the dead-letter queue: (reason code, reason, job id, body).
+    pub async fn drain_dead_letters(&self) -> Vec<DeadLetter> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(
+                self.topology().dead_letter_queue().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic_get")
+        {
+            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+            let get = |k: &str| match headers.inner().get(k) {
+                Some(lapin::types::AMQPValue::LongString(s)) => Some(s.to_string()),
+                _ => None,
+            };
+            out.push(DeadLetter {
+                code: get("x-kling-reason-code"),
+                reason: get("x-kling-reason"),
+                job_id: get("x-kling-job-id"),
+                first_death_reason: get("x-first-death-reason"),
+                body: m.delivery.data.clone(),
+            });
+            m.delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+        }
+        let _ = ch.close(200, "".into()).await;
+        out
+    }
+
+    pub async fn cleanup(self) {
+        let t = self.topology();
+        let _ = self
+            .channel
+            .queue_delete(self.queue.clone().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .queue_delete(t.dead_letter_queue().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(
+                t.dead_letter_exchange().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "".into()).await;
+        self.sim.shutdown();
+    }
+}
+
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub code: Option<String>,
+    pub reason: Option<String>,
+    pub job_id: Option<String>,
+    pub first_death_reason: Option<String>,
+    pub body: Vec<u8>,
+}
+
+pub struct RunningWorker {
+    pub handle: tokio::task::JoinHandle<Result<(), kling_archiver::broker::BrokerError>>,
+    pub events: mpsc::UnboundedReceiver<JobEvent>,
+    pub shutdown: CancellationToken,
+}
+
+impl RunningWorker {
+    /// Wait for `n` settled events (archived or dead-lettered), ignoring
+    /// requeues, with a deadline.
+    pub async fn settled(&mut self, n: usize, within: Duration) -> Vec<JobEvent> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(JobEvent::Requeued { .. })) => {}
+                Ok(Some(e)) => out.push(e),
+                Ok(None) => panic!("worker stopped; events so far: {out:?}"),
+                Err(_) => panic!(
+                    "only {} of {n} jobs settled within {within:?}: {out:?}",
+                    out.len()
+                ),
+            }
+        }
+        out
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops")
+            .expect("join");
+        r.expect("worker result");
+    }
+}
+
+/// A generated test image.
+pub fn jpeg(w: u32, h: u32) -> Vec<u8> {
+    encode(
+        &kling_archiver::demo::scene(w, h, 1),
+        image::ImageFormat::Jpeg,
+    )
+}
+
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    encode(
+        &kling_archiver::demo::scene(w, h, 2),
+        image::ImageFormat::Png,
+    )
+}
+
+pub fn encode(img: &image::RgbImage, f: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, f).expect("encode");
+    out.into_inner()
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Serve fixed bytes over HTTP on loopback: `GET /<name>`.
+pub async fn serve_files(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    use axum::routing::get;
+    let mut router = axum::Router::new();
+    for (name, body) in files {
+        let body = bytes::Bytes::from(body);
+        router = router.route(
+            &format!("/{name}"),
+            get(move || {
+                let b = body.clone();
+                async move { b }
+            }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+pub fn result_hosts(sim: &SimHandle) -> Vec<HostPattern> {
+    vec![HostPattern::parse(&sim.result_host()).expect("host")]
+}

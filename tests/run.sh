@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests", and CI via .ci/run).
+#
+# Brings up what the tests need that `cargo test` cannot start itself, then
+# runs every test. The S3 server (s3s-fs) and the Kling simulator start
+# inside the tests; RabbitMQ is the one external service. A missing service
+# is a failure, never a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+amqp_host=127.0.0.1
+amqp_port=5672
+
+broker_up() { (exec 3<>"/dev/tcp/$amqp_host/$amqp_port") 2>/dev/null; }
+
+if ! broker_up; then
+  echo "RabbitMQ is not answering on $amqp_host:$amqp_port; trying to start it…"
+  if command -v rabbitmq-server >/dev/null 2>&1; then
+    rabbitmq-server -detached || true
+    for _ in $(seq 1 60); do broker_up && break; sleep 1; done
+  fi
+fi
+if ! broker_up; then
+  echo "error: RabbitMQ is required at $amqp_host:$amqp_port (guest/guest) and is not running." >&2
+  echo "       Install and start it, e.g. 'apt-get install rabbitmq-server && rabbitmq-server -detached'." >&2
+  exit 1
+fi
+
+# Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
+# logins; the tests' own connections then fail fast with a clear message.
+cargo test --all-targets --locked "$@"
