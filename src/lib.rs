@@ -33,7 +33,16 @@ use crate::pipeline::Pipeline;
 /// (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials, profiles, roles).
 /// Nothing is contacted until the first request.
 pub async fn s3_client(force_path_style: bool) -> aws_sdk_s3::Client {
+    use aws_config::meta::region::RegionProviderChain;
+    // Region from AWS_REGION or the profile; no EC2 metadata probe (slow and
+    // noisy off EC2): set AWS_REGION where it matters.
+    let region = RegionProviderChain::first_try(
+        aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
+    )
+    .or_else(aws_config::profile::ProfileFileRegionProvider::new())
+    .or_else(aws_sdk_s3::config::Region::new("us-east-1"));
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(region)
         .timeout_config(
             aws_config::timeout::TimeoutConfig::builder()
                 .connect_timeout(std::time::Duration::from_secs(10))
@@ -43,11 +52,7 @@ pub async fn s3_client(force_path_style: bool) -> aws_sdk_s3::Client {
         )
         .load()
         .await;
-    let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(force_path_style);
-    if shared.region().is_none() {
-        // S3-compatible servers rarely care; AWS needs the real one.
-        conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
-    }
+    let conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(force_path_style);
     aws_sdk_s3::Client::from_conf(conf.build())
 }
 

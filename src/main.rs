@@ -16,7 +16,11 @@ const EXIT_FATAL: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let default_log = match cli.command {
+        Some(Command::Demo(_)) => telemetry::DEMO_LOG,
+        _ => telemetry::WORKER_LOG,
+    };
+    telemetry::init(cli.log_format, default_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -10,12 +10,16 @@ use tracing_subscriber::fmt::format::FmtSpan;
 
 use crate::config::LogFormat;
 
+/// Default levels of the worker when `RUST_LOG` is unset.
+pub const WORKER_LOG: &str = "info,lapin=warn,aws_config=warn,aws_smithy_runtime=warn,hyper=warn";
+/// The demo prints its own summary; logs only say what went wrong.
+pub const DEMO_LOG: &str = "warn,lapin=error";
+
 /// Install the global subscriber. Safe to call more than once (later calls
-/// are ignored), so tests and the demo can share it.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,lapin=warn,aws_config=warn,aws_smithy_runtime=warn,hyper=warn")
-    });
+/// are ignored), so tests and the demo can share it. `default` applies when
+/// `RUST_LOG` is unset.
+pub fn init(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)

@@ -1,38 +1,46 @@
-//! Preparation: make any image Kling's image-recognize accepts, without
-//! destroying it, and say exactly what was done.
+//! Image preparation: probe a source image cheaply, check it against the
+//! Kling image-recognize input spec, and fix an out-of-spec image while
+//! recording every geometric transform, so that masks returned for the
+//! prepared image can be mapped back onto the source pixel grid.
 //!
-//! - [`probe`] reads only the header: format, dimensions, EXIF orientation.
-//! - [`check`] compares a probe with the [`Spec`] (JPEG/PNG, ≤ 10 MB, sides
-//!   ≥ 300 px, aspect 1:2.5..2.5:1, upright).
-//! - [`prepare`] passes in-spec bytes through untouched, and otherwise
-//!   decodes (within [`Limits`]), orients, pads (never crops), upscales,
-//!   re-encodes and — only if needed — shrinks until the result fits,
-//!   recording every step in a [`TransformRecord`].
+//! This module owns pixels and nothing else: it must know nothing about
+//! RabbitMQ, S3 or HTTP. It is synchronous and CPU-bound; callers run
+//! [`prepare`] on a blocking pool and reserve [`estimate_decode_pixels`]
+//! from their pixel budget first.
 //!
-//! Synchronous and CPU-bound: callers run it on a blocking pool. Knows
-//! nothing about RabbitMQ, S3 or HTTP.
+//! The flow is [`probe()`] (header only) -> limits -> [`check()`] -> either
+//! passthrough (the caller's `Bytes`, untouched) or the fix pipeline:
+//! decode -> 8-bit RGB(A) -> EXIF orientation -> resize -> pad -> encode.
+//! The geometry is planned by the pure [`plan()`] function and recorded in a
+//! [`TransformRecord`]; see `geometry.rs` for the coordinate conventions.
 
+mod check;
+mod fix;
 mod geometry;
+mod probe;
+#[cfg(test)]
+mod testkit;
 
-use std::io::Cursor;
-
-use bytes::Bytes;
-use image::{DynamicImage, ImageDecoder, ImageReader};
-use serde::{Deserialize, Serialize};
+pub use check::{Violation, check};
+pub use geometry::{Margins, Plan, Transform, TransformRecord, plan};
+pub use probe::{Probe, SourceFormat, probe};
 
 use crate::error::{Classify, Disposition};
 
-pub use geometry::{Plan, Transform, TransformRecord, plan};
-
-/// What Kling accepts.
+/// The input contract of the API the prepared image is sent to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spec {
+    /// Largest accepted file, in bytes.
     pub max_bytes: u64,
+    /// Smallest accepted width and height, in pixels.
     pub min_side: u32,
+    /// Largest accepted long-side / short-side ratio (must be >= 1).
     pub max_aspect: f64,
 }
 
 impl Spec {
+    /// Kling image-recognize: JPEG or PNG, at most 10 MB, sides >= 300 px,
+    /// aspect ratio between 1:2.5 and 2.5:1 inclusive.
     pub const KLING: Spec = Spec {
         max_bytes: 10 * 1024 * 1024,
         min_side: 300,
@@ -40,18 +48,29 @@ impl Spec {
     };
 }
 
-/// What the worker is willing to decode.
-#[derive(Debug, Clone, PartialEq)]
+impl Default for Spec {
+    fn default() -> Self {
+        Spec::KLING
+    }
+}
+
+/// Resource limits enforced from the header, before any pixel is decoded.
+/// (Deliberately not `Copy`: callers hold it in shared config and clone it.)
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Larger images are refused before decoding (decompression bombs).
+    /// Largest `width * height` accepted (decoded, and for the output canvas).
     pub max_pixels: u64,
+    /// Largest width or height accepted.
     pub max_side: u32,
+    /// Largest encoded input accepted, in bytes.
     pub max_input_bytes: u64,
 }
 
 impl Default for Limits {
+    /// 100 megapixels, 30 000 px a side, 64 MiB of input (a 100 MP JPEG at
+    /// high quality is ~30-40 MB).
     fn default() -> Self {
-        Self {
+        Limits {
             max_pixels: 100_000_000,
             max_side: 30_000,
             max_input_bytes: 64 * 1024 * 1024,
@@ -59,33 +78,8 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceFormat {
-    Jpeg,
-    Png,
-    Webp,
-    Gif,
-    Bmp,
-    Tiff,
-    Other,
-}
-
-impl SourceFormat {
-    fn from_image(f: image::ImageFormat) -> Self {
-        match f {
-            image::ImageFormat::Jpeg => Self::Jpeg,
-            image::ImageFormat::Png => Self::Png,
-            image::ImageFormat::WebP => Self::Webp,
-            image::ImageFormat::Gif => Self::Gif,
-            image::ImageFormat::Bmp => Self::Bmp,
-            image::ImageFormat::Tiff => Self::Tiff,
-            _ => Self::Other,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The encoding of a prepared image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     Jpeg,
@@ -93,447 +87,119 @@ pub enum OutputFormat {
 }
 
 impl OutputFormat {
+    /// File extension without the dot.
     pub fn extension(self) -> &'static str {
         match self {
-            Self::Jpeg => "jpg",
-            Self::Png => "png",
+            OutputFormat::Jpeg => "jpg",
+            OutputFormat::Png => "png",
         }
     }
 
+    /// MIME type.
     pub fn content_type(self) -> &'static str {
         match self {
-            Self::Jpeg => "image/jpeg",
-            Self::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Png => "image/png",
+        }
+    }
+
+    fn from_source(format: SourceFormat) -> Option<Self> {
+        match format {
+            SourceFormat::Jpeg => Some(OutputFormat::Jpeg),
+            SourceFormat::Png => Some(OutputFormat::Png),
+            _ => None,
         }
     }
 }
 
-/// Header facts about an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Probe {
-    pub format: SourceFormat,
-    pub width: u32,
-    pub height: u32,
-    pub bytes: u64,
-    /// EXIF orientation 1..=8; 1 when absent.
-    pub orientation: u8,
-    /// JPEG ends with EOI / PNG ends with IEND. A file cut short passes a
-    /// header probe, so this O(1) tail check keeps it from going out as-is.
-    #[serde(default = "yes")]
-    pub complete: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn has_end_marker(format: image::ImageFormat, data: &[u8]) -> bool {
-    match format {
-        // EOI is normally at the end; files with trailers (motion photos)
-        // have it earlier, so look further only when the tail lacks it.
-        image::ImageFormat::Jpeg => {
-            let eoi = |d: &[u8]| d.windows(2).any(|w| w == [0xFF, 0xD9]);
-            eoi(&data[data.len().saturating_sub(64)..]) || eoi(data)
-        }
-        image::ImageFormat::Png => {
-            data.len() >= 12 && &data[data.len() - 8..data.len() - 4] == b"IEND"
-        }
-        _ => true,
-    }
-}
-
-/// One way an image is out of spec.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "rule", rename_all = "snake_case")]
-pub enum Violation {
-    Format {
-        format: SourceFormat,
-    },
-    TooLarge {
-        bytes: u64,
-        max: u64,
-    },
-    TooSmall {
-        width: u32,
-        height: u32,
-        min: u32,
-    },
-    Aspect {
-        width: u32,
-        height: u32,
-        ratio: f64,
-    },
-    Orientation {
-        exif: u8,
-    },
-    /// No end marker: possibly truncated; decoded to find out.
-    Incomplete,
-}
-
-/// The image that goes to Kling.
-#[derive(Debug, Clone)]
+/// An image ready to send, with what was done to get there.
+#[derive(Clone)]
 pub struct Prepared {
-    /// Exactly what is sent.
-    pub bytes: Bytes,
+    /// Exactly what goes to Kling.
+    pub bytes: bytes::Bytes,
     pub format: OutputFormat,
     pub width: u32,
     pub height: u32,
+    /// The source as probed.
     pub source: Probe,
-    /// What was out of spec (empty: passed through).
+    /// What was out of spec (empty for passthrough).
     pub violations: Vec<Violation>,
+    /// How to map prepared coordinates back to the source.
     pub transforms: TransformRecord,
 }
 
 impl Prepared {
+    /// True when `bytes` are the source bytes, untouched.
     pub fn is_passthrough(&self) -> bool {
-        self.violations.is_empty()
+        self.transforms.steps.is_empty()
     }
 }
 
-/// Header-only probe; never decodes pixels.
-pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
-    if data.is_empty() {
-        return Err(PrepareError::Empty);
-    }
-    let format = image::guess_format(data).map_err(|_| PrepareError::UnknownFormat)?;
-    let mut reader = ImageReader::with_format(Cursor::new(data), format);
-    // The probe allocates no pixels; size limits are judged by `prepare`
-    // with a clear reason, not by the decoder's allocation guard.
-    reader.no_limits();
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| PrepareError::Undecodable {
-            reason: e.to_string(),
-        })?;
-    let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(PrepareError::Undecodable {
-            reason: format!("header declares {width}x{height}"),
-        });
-    }
-    let orientation = decoder.orientation().map(|o| o.to_exif()).unwrap_or(1);
-    Ok(Probe {
-        format: SourceFormat::from_image(format),
-        width,
-        height,
-        bytes: data.len() as u64,
-        orientation,
-        complete: has_end_marker(format, data),
-    })
-}
-
-/// Where a probe is out of spec; empty means send it byte for byte.
-pub fn check(p: &Probe, spec: &Spec) -> Vec<Violation> {
-    let mut v = Vec::new();
-    if !matches!(p.format, SourceFormat::Jpeg | SourceFormat::Png) {
-        v.push(Violation::Format { format: p.format });
-    }
-    if p.bytes > spec.max_bytes {
-        v.push(Violation::TooLarge {
-            bytes: p.bytes,
-            max: spec.max_bytes,
-        });
-    }
-    if p.width < spec.min_side || p.height < spec.min_side {
-        v.push(Violation::TooSmall {
-            width: p.width,
-            height: p.height,
-            min: spec.min_side,
-        });
-    }
-    let ratio = f64::from(p.width) / f64::from(p.height);
-    if ratio > spec.max_aspect || ratio < 1.0 / spec.max_aspect {
-        v.push(Violation::Aspect {
-            width: p.width,
-            height: p.height,
-            ratio,
-        });
-    }
-    if p.orientation != 1 {
-        v.push(Violation::Orientation {
-            exif: p.orientation,
-        });
-    }
-    if !p.complete {
-        v.push(Violation::Incomplete);
-    }
-    v
-}
-
-/// Pixels a decode of this image holds; what a pixel budget reserves.
-pub fn estimate_decode_pixels(p: &Probe) -> u64 {
-    u64::from(p.width) * u64::from(p.height)
-}
-
-/// JPEG qualities tried, best first, before shrinking.
-const JPEG_QUALITIES: [u8; 4] = [90, 80, 70, 60];
-/// Each shrink step keeps this fraction of each side.
-const SHRINK_STEP: f64 = 0.8;
-/// Opaque images are padded white, images with transparency transparent.
-pub const PAD_OPAQUE: [u8; 4] = [255, 255, 255, 255];
-pub const PAD_TRANSPARENT: [u8; 4] = [0, 0, 0, 0];
-
-/// Make `data` acceptable to Kling. In-spec input comes back as the same
-/// `Bytes`, untouched.
-pub fn prepare(data: Bytes, spec: &Spec, limits: &Limits) -> Result<Prepared, PrepareError> {
-    if data.len() as u64 > limits.max_input_bytes {
-        return Err(PrepareError::InputTooLarge {
-            bytes: data.len() as u64,
-            max: limits.max_input_bytes,
-        });
-    }
-    let source = probe(&data)?;
-    // Decoders fill a cut-short JPEG with grey instead of failing.
-    if source.format == SourceFormat::Jpeg && !source.complete {
-        return Err(PrepareError::Truncated);
-    }
-    // Bombs are refused even when in spec: they would reach Kling otherwise.
-    if source.width > limits.max_side || source.height > limits.max_side {
-        return Err(PrepareError::DimensionTooLarge {
-            width: source.width,
-            height: source.height,
-            max_side: limits.max_side,
-        });
-    }
-    if estimate_decode_pixels(&source) > limits.max_pixels {
-        return Err(PrepareError::TooManyPixels {
-            width: source.width,
-            height: source.height,
-            max_pixels: limits.max_pixels,
-        });
-    }
-    let violations = check(&source, spec);
-    if violations.is_empty() {
-        let format = if source.format == SourceFormat::Png {
-            OutputFormat::Png
-        } else {
-            OutputFormat::Jpeg
-        };
-        let transforms = TransformRecord {
-            source: [source.width, source.height],
-            output: [source.width, source.height],
-            steps: vec![],
-        };
-        return Ok(Prepared {
-            bytes: data,
-            format,
-            width: source.width,
-            height: source.height,
-            source,
-            violations,
-            transforms,
-        });
-    }
-    let img = decode(&data, limits)?;
-    drop(data);
-    fix(img, source, violations, spec)
-}
-
-fn decode(data: &[u8], limits: &Limits) -> Result<DynamicImage, PrepareError> {
-    let mut reader = ImageReader::new(Cursor::new(data))
-        .with_guessed_format()
-        .map_err(|e| PrepareError::Undecodable {
-            reason: e.to_string(),
-        })?;
-    let mut l = image::Limits::default();
-    l.max_image_width = Some(limits.max_side);
-    l.max_image_height = Some(limits.max_side);
-    // Room for a 16-bit RGBA decode of the largest allowed image.
-    l.max_alloc = Some(limits.max_pixels.saturating_mul(8));
-    reader.limits(l);
-    reader.decode().map_err(|e| PrepareError::Undecodable {
-        reason: e.to_string(),
-    })
-}
-
-fn fix(
-    img: DynamicImage,
-    source: Probe,
-    violations: Vec<Violation>,
-    spec: &Spec,
-) -> Result<Prepared, PrepareError> {
-    let alpha = img.color().has_alpha() && has_transparency(&img);
-    // 8 bits per channel: 16-bit and float inputs are converted, CMYK JPEGs
-    // were already converted to RGB by the decoder.
-    let mut img = if alpha {
-        DynamicImage::ImageRgba8(img.to_rgba8())
-    } else {
-        DynamicImage::ImageRgb8(img.to_rgb8())
-    };
-    let mut steps = Vec::new();
-    if source.orientation != 1
-        && let Some(o) = image::metadata::Orientation::from_exif(source.orientation)
-    {
-        img.apply_orientation(o);
-        steps.push(Transform::Orient {
-            exif: source.orientation,
-        });
-    }
-    let p = plan(source.width, source.height, source.orientation, spec);
-    let (l, t, r, b) = p.pad;
-    if l + t + r + b > 0 {
-        let color = if alpha { PAD_TRANSPARENT } else { PAD_OPAQUE };
-        img = pad(&img, p, color);
-        steps.push(Transform::Pad {
-            left: l,
-            top: t,
-            right: r,
-            bottom: b,
-            color,
-        });
-    }
-    let padded = p.padded();
-    if p.output != padded {
-        img = img.resize_exact(
-            p.output.0,
-            p.output.1,
-            image::imageops::FilterType::CatmullRom,
-        );
-        steps.push(Transform::Resize {
-            from: [padded.0, padded.1],
-            to: [p.output.0, p.output.1],
-        });
-    }
-    let format = if alpha {
-        OutputFormat::Png
-    } else {
-        OutputFormat::Jpeg
-    };
-    let base = img;
-    let mut current: Option<DynamicImage> = None;
-    let mut size = p.output;
-    loop {
-        let work = current.as_ref().unwrap_or(&base);
-        let qualities: &[u8] = if format == OutputFormat::Jpeg {
-            &JPEG_QUALITIES
-        } else {
-            &[0]
-        };
-        for &q in qualities {
-            let bytes = encode(work, format, q)?;
-            if bytes.len() as u64 <= spec.max_bytes {
-                let mut steps = steps.clone();
-                if size != p.output {
-                    steps.push(Transform::Resize {
-                        from: [p.output.0, p.output.1],
-                        to: [size.0, size.1],
-                    });
-                }
-                let quality = (format == OutputFormat::Jpeg).then_some(q);
-                steps.push(Transform::Encode { format, quality });
-                let transforms = TransformRecord {
-                    source: [source.width, source.height],
-                    output: [size.0, size.1],
-                    steps,
-                };
-                return Ok(Prepared {
-                    bytes: Bytes::from(bytes),
-                    format,
-                    width: size.0,
-                    height: size.1,
-                    source,
-                    violations,
-                    transforms,
-                });
-            }
-        }
-        let next = geometry::shrink(size.0, size.1, SHRINK_STEP, spec);
-        if next == size {
-            return Err(PrepareError::CannotFit {
-                width: size.0,
-                height: size.1,
-            });
-        }
-        size = next;
-        current = Some(base.resize_exact(size.0, size.1, image::imageops::FilterType::CatmullRom));
+// Hand-written so a stray `?prepared` never dumps megabytes into a log.
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("bytes", &format_args!("<{} bytes>", self.bytes.len()))
+            .field("format", &self.format)
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("source", &self.source)
+            .field("violations", &self.violations)
+            .field("transforms", &self.transforms)
+            .finish()
     }
 }
 
-fn has_transparency(img: &DynamicImage) -> bool {
-    match img {
-        DynamicImage::ImageRgba8(i) => i.pixels().any(|p| p[3] < 255),
-        DynamicImage::ImageLumaA8(i) => i.pixels().any(|p| p[1] < 255),
-        DynamicImage::ImageRgba16(i) => i.pixels().any(|p| p[3] < u16::MAX),
-        DynamicImage::ImageLumaA16(i) => i.pixels().any(|p| p[1] < u16::MAX),
-        other => other.to_rgba8().pixels().any(|p| p[3] < 255),
-    }
-}
-
-fn pad(img: &DynamicImage, p: Plan, color: [u8; 4]) -> DynamicImage {
-    let (w, h) = p.padded();
-    let (x, y) = (i64::from(p.pad.0), i64::from(p.pad.1));
-    match img {
-        DynamicImage::ImageRgba8(src) => {
-            let mut canvas = image::RgbaImage::from_pixel(w, h, image::Rgba(color));
-            image::imageops::replace(&mut canvas, src, x, y);
-            DynamicImage::ImageRgba8(canvas)
-        }
-        other => {
-            let mut canvas =
-                image::RgbImage::from_pixel(w, h, image::Rgb([color[0], color[1], color[2]]));
-            image::imageops::replace(&mut canvas, &other.to_rgb8(), x, y);
-            DynamicImage::ImageRgb8(canvas)
-        }
-    }
-}
-
-fn encode(img: &DynamicImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>, PrepareError> {
-    let mut out = Vec::new();
-    let r = match format {
-        OutputFormat::Jpeg => {
-            let rgb = img.to_rgb8();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&rgb)
-        }
-        OutputFormat::Png => {
-            img.write_with_encoder(image::codecs::png::PngEncoder::new_with_quality(
-                &mut out,
-                image::codecs::png::CompressionType::Default,
-                image::codecs::png::FilterType::Adaptive,
-            ))
-        }
-    };
-    r.map_err(|e| PrepareError::Encode {
-        reason: e.to_string(),
-    })?;
-    Ok(out)
-}
-
-/// Why an image cannot be prepared. A bad image never gets better: all
-/// permanent.
+/// Why an image could not be prepared. Every variant is permanent: the same
+/// bytes will fail the same way on every attempt.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
-    #[error("image is empty (0 bytes)")]
+    #[error("the image is empty (0 bytes); the job must carry an image")]
     Empty,
-    #[error("image format not recognized; send JPEG, PNG, WebP, GIF, BMP or TIFF")]
+    #[error(
+        "the image format is not recognised from its first bytes; send JPEG, PNG, WebP, GIF, BMP or TIFF"
+    )]
     UnknownFormat,
-    #[error("image cannot be decoded: {reason}")]
+    #[error("{format} images are not supported; send JPEG, PNG, WebP, GIF, BMP or TIFF")]
+    UnsupportedFormat { format: String },
+    #[error("the image cannot be decoded: {reason}")]
     Undecodable { reason: String },
-    #[error("image is truncated: the JPEG has no end-of-image marker")]
-    Truncated,
-    #[error("image is {bytes} bytes, over the {max}-byte limit")]
+    #[error("the image is truncated ({reason}); re-upload the complete file")]
+    Truncated { reason: String },
+    #[error("the image is {bytes} bytes, over the {max} byte input limit")]
     InputTooLarge { bytes: u64, max: u64 },
     #[error(
-        "image is {width}x{height}, over MAX_IMAGE_PIXELS {max_pixels}; refused as a possible decompression bomb"
+        "the image declares {width}x{height} pixels, over the {max_pixels} pixel limit (possible decompression bomb)"
     )]
     TooManyPixels {
         width: u32,
         height: u32,
         max_pixels: u64,
     },
-    #[error("image is {width}x{height}; a side over {max_side} px is refused")]
+    #[error("the image declares {width}x{height} pixels; no side may exceed {max_side}")]
     DimensionTooLarge {
         width: u32,
         height: u32,
         max_side: u32,
     },
-    #[error("image cannot be made to fit 10 MB (stuck at {width}x{height})")]
-    CannotFit { width: u32, height: u32 },
-    #[error("re-encoding the image failed: {reason}")]
+    #[error("decoding the image exceeded a resource limit: {reason}")]
+    ResourceLimit { reason: String },
+    #[error(
+        "could not fit the image under {max_bytes} bytes: still {bytes} bytes at {width}x{height}, the smallest allowed size, and the lowest quality"
+    )]
+    CannotFit {
+        width: u32,
+        height: u32,
+        bytes: u64,
+        max_bytes: u64,
+    },
+    #[error("encoding the prepared image failed: {reason}")]
     Encode { reason: String },
 }
 
 impl Classify for PrepareError {
+    /// A bad image never gets better: everything is permanent.
     fn disposition(&self) -> Disposition {
         Disposition::Permanent
     }
@@ -542,15 +208,81 @@ impl Classify for PrepareError {
         match self {
             PrepareError::Empty => "image_empty",
             PrepareError::UnknownFormat => "image_format_unknown",
+            PrepareError::UnsupportedFormat { .. } => "image_format_unsupported",
             PrepareError::Undecodable { .. } => "image_undecodable",
-            PrepareError::Truncated => "image_truncated",
-            PrepareError::InputTooLarge { .. } => "image_too_large",
+            PrepareError::Truncated { .. } => "image_truncated",
+            PrepareError::InputTooLarge { .. } => "image_input_too_large",
             PrepareError::TooManyPixels { .. } => "image_too_many_pixels",
             PrepareError::DimensionTooLarge { .. } => "image_dimension_too_large",
+            PrepareError::ResourceLimit { .. } => "image_resource_limit",
             PrepareError::CannotFit { .. } => "image_cannot_fit",
             PrepareError::Encode { .. } => "image_encode_failed",
         }
     }
+}
+
+/// Pixels a decode of this image needs: what a pixel budget should reserve.
+/// A fix holds a few buffers of about this size at once (decoded, oriented,
+/// output canvas); the canvas is capped at twice this count, or, for
+/// sources smaller than the smallest in-spec canvas, at twice that canvas
+/// (2 x 300 x 750 = 450 000 pixels for Kling).
+pub fn estimate_decode_pixels(probe: &Probe) -> u64 {
+    u64::from(probe.width) * u64::from(probe.height)
+}
+
+/// Probe, check and (only if needed) fix `data` for `spec`.
+///
+/// In-spec input comes back as a passthrough holding the same `Bytes`
+/// (no copy, no decode, no re-encode) and an empty transform record.
+/// Anything else is decoded and rebuilt; the result always satisfies
+/// `check(&probe(&out.bytes)?, spec).is_empty()`.
+pub fn prepare(data: bytes::Bytes, spec: &Spec, limits: &Limits) -> Result<Prepared, PrepareError> {
+    let len = data.len() as u64;
+    if len > limits.max_input_bytes {
+        return Err(PrepareError::InputTooLarge {
+            bytes: len,
+            max: limits.max_input_bytes,
+        });
+    }
+    let source = probe(&data)?;
+    check_limits(&source, limits)?;
+    probe::verify_complete(source.format, &data)?;
+
+    let violations = check(&source, spec);
+    if violations.is_empty()
+        && let Some(format) = OutputFormat::from_source(source.format)
+    {
+        return Ok(Prepared {
+            bytes: data,
+            format,
+            width: source.width,
+            height: source.height,
+            source,
+            violations,
+            transforms: TransformRecord::identity(source.width, source.height),
+        });
+    }
+    fix::fix(&data, source, violations, spec, limits)
+}
+
+/// Refuse decompression bombs from the header alone.
+fn check_limits(probe: &Probe, limits: &Limits) -> Result<(), PrepareError> {
+    let (width, height) = (probe.width, probe.height);
+    if estimate_decode_pixels(probe) > limits.max_pixels {
+        return Err(PrepareError::TooManyPixels {
+            width,
+            height,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    if width > limits.max_side || height > limits.max_side {
+        return Err(PrepareError::DimensionTooLarge {
+            width,
+            height,
+            max_side: limits.max_side,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

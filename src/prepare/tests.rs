@@ -1,255 +1,410 @@
+//! End-to-end tests of `prepare` on images generated in code.
+
+use bytes::Bytes;
+use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+use proptest::prelude::*;
+
+use super::testkit::*;
 use super::*;
 
-fn rgb(w: u32, h: u32) -> image::RgbImage {
-    image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
-    })
+fn run(data: Vec<u8>) -> Result<Prepared, PrepareError> {
+    prepare(Bytes::from(data), &Spec::KLING, &Limits::default())
 }
 
-fn enc(img: &DynamicImage, f: image::ImageFormat) -> Bytes {
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, f).unwrap();
-    Bytes::from(out.into_inner())
-}
-
-fn run(data: Bytes) -> Prepared {
-    prepare(data, &Spec::KLING, &Limits::default()).unwrap()
-}
-
-fn assert_in_spec(p: &Prepared) {
-    let probe = probe(&p.bytes).unwrap();
-    assert_eq!(
-        check(&probe, &Spec::KLING),
-        vec![],
-        "output must be in spec: {probe:?}"
-    );
-    assert_eq!((probe.width, probe.height), (p.width, p.height));
-    assert_eq!(p.transforms.output, [p.width, p.height]);
-}
-
-/// Insert a minimal Exif APP1 with the given orientation after SOI.
-fn with_exif_orientation(jpeg: &[u8], o: u16) -> Vec<u8> {
-    let mut app1 = vec![0xFF, 0xE1, 0, 34];
-    app1.extend_from_slice(b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01");
-    app1.extend_from_slice(&o.to_be_bytes());
-    app1.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&app1);
-    out.extend_from_slice(&jpeg[2..]);
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
+/// The promise of `prepare`: the output is in spec, its record matches it,
+/// and it decodes to the advertised size.
+fn assert_in_spec(out: &Prepared) -> DynamicImage {
+    let p = probe(&out.bytes).unwrap();
+    assert_eq!(check(&p, &Spec::KLING), vec![], "{out:?}");
+    assert_eq!([p.width, p.height], [out.width, out.height]);
+    assert_eq!(out.transforms.output, [out.width, out.height]);
+    assert_eq!(out.transforms.source, [out.source.width, out.source.height]);
+    if !out.is_passthrough() {
+        assert!(!out.violations.is_empty());
+        let last = out.transforms.steps.last().unwrap();
+        assert!(matches!(last, Transform::Encode { format, .. } if *format == out.format));
     }
-    !crc
-}
-
-fn png_header_only(w: u32, h: u32) -> Vec<u8> {
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = b"IHDR".to_vec();
-    chunk.extend_from_slice(&w.to_be_bytes());
-    chunk.extend_from_slice(&h.to_be_bytes());
-    chunk.extend_from_slice(&[8, 2, 0, 0, 0]);
-    out.extend_from_slice(&13u32.to_be_bytes());
-    out.extend_from_slice(&chunk);
-    out.extend_from_slice(&crc32(&chunk).to_be_bytes());
-    // An empty IDAT: the header is complete, the pixels are missing.
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(b"IDAT");
-    out.extend_from_slice(&crc32(b"IDAT").to_be_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(b"IEND");
-    out.extend_from_slice(&crc32(b"IEND").to_be_bytes());
-    out
+    let img = image::load_from_memory(&out.bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (out.width, out.height));
+    img
 }
 
 #[test]
 fn in_spec_jpeg_and_png_pass_through_untouched() {
-    for f in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
-        let data = enc(&DynamicImage::ImageRgb8(rgb(640, 480)), f);
-        let p = run(data.clone());
-        assert!(p.is_passthrough());
-        assert_eq!(p.bytes.as_ptr(), data.as_ptr(), "the same buffer, no copy");
-        assert!(p.transforms.steps.is_empty());
-    }
-}
-
-#[test]
-fn thumbnails_are_upscaled() {
-    let p = run(enc(
-        &DynamicImage::ImageRgb8(rgb(200, 150)),
-        image::ImageFormat::Png,
-    ));
-    assert_in_spec(&p);
-    assert_eq!((p.width, p.height), (400, 300));
-    assert_eq!(p.format, OutputFormat::Jpeg, "opaque PNG becomes JPEG");
-}
-
-#[test]
-fn panoramas_are_padded_and_keep_every_source_pixel() {
-    let p = run(enc(
-        &DynamicImage::ImageRgb8(rgb(2000, 400)),
-        image::ImageFormat::Jpeg,
-    ));
-    assert_in_spec(&p);
-    assert_eq!((p.width, p.height), (2000, 800));
-    for (x, y) in [(0.0, 0.0), (2000.0, 400.0), (1000.0, 200.0)] {
-        let (u, v) = p.transforms.to_prepared(x, y);
-        assert!(u <= 2000.0 && v <= 800.0);
-        assert_eq!(p.transforms.to_source(u, v), Some((x, y)));
-    }
-    assert_eq!(
-        p.transforms.to_source(10.0, 10.0),
-        None,
-        "padding maps to nothing"
-    );
-    // The padding is white.
-    let out = image::load_from_memory(&p.bytes).unwrap().to_rgb8();
-    assert!(out.get_pixel(1000, 50).0.iter().all(|&c| c > 240));
-}
-
-#[test]
-fn other_formats_are_converted() {
-    let img = DynamicImage::ImageRgb8(rgb(500, 400));
-    for f in [
-        image::ImageFormat::WebP,
-        image::ImageFormat::Gif,
-        image::ImageFormat::Bmp,
-        image::ImageFormat::Tiff,
+    for (format, expect) in [
+        (ImageFormat::Jpeg, OutputFormat::Jpeg),
+        (ImageFormat::Png, OutputFormat::Png),
     ] {
-        let p = run(enc(&img, f));
-        assert_in_spec(&p);
-        assert_eq!((p.width, p.height), (500, 400), "{f:?}");
-        assert!(matches!(p.violations[0], Violation::Format { .. }));
+        let data = Bytes::from(encode(&gradient(640, 480), format));
+        let out = prepare(data.clone(), &Spec::KLING, &Limits::default()).unwrap();
+        assert!(out.is_passthrough());
+        assert_eq!(out.bytes.as_ptr(), data.as_ptr(), "same buffer, no copy");
+        assert_eq!(out.bytes, data);
+        assert_eq!((out.format, out.width, out.height), (expect, 640, 480));
+        assert!(out.violations.is_empty());
+        assert_eq!(out.transforms, TransformRecord::identity(640, 480));
     }
 }
 
 #[test]
-fn transparency_stays_png_and_is_padded_transparent() {
-    let img = image::RgbaImage::from_fn(1000, 200, |x, _| {
-        image::Rgba([200, 10, 10, if x < 500 { 255 } else { 0 }])
-    });
-    let p = run(enc(&DynamicImage::ImageRgba8(img), image::ImageFormat::Png));
-    assert_in_spec(&p);
-    assert_eq!(p.format, OutputFormat::Png);
-    let out = image::load_from_memory(&p.bytes).unwrap().to_rgba8();
-    assert_eq!(out.get_pixel(10, 5)[3], 0, "transparent padding");
+fn small_image_is_upscaled_into_spec() {
+    let out = run(encode(&gradient(200, 150), ImageFormat::Jpeg)).unwrap();
+    assert_in_spec(&out);
+    assert_eq!(
+        (out.format, out.width, out.height),
+        (OutputFormat::Jpeg, 400, 300)
+    );
+    assert_eq!(
+        out.violations,
+        vec![Violation::TooSmall {
+            width: 200,
+            height: 150,
+            min: 300
+        }]
+    );
+    assert_eq!(
+        out.transforms.steps,
+        vec![
+            Transform::Resize {
+                from: [200, 150],
+                to: [400, 300]
+            },
+            Transform::Encode {
+                format: OutputFormat::Jpeg,
+                quality: Some(90)
+            },
+        ]
+    );
 }
 
 #[test]
-fn sixteen_bit_png_keeps_its_colours() {
-    let img = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
-        200,
-        200,
-        image::Rgb([65535, 32768, 0]),
-    );
-    let p = run(enc(&DynamicImage::ImageRgb16(img), image::ImageFormat::Png));
-    assert_in_spec(&p);
-    let px = image::load_from_memory(&p.bytes)
-        .unwrap()
-        .to_rgb8()
-        .get_pixel(150, 150)
-        .0;
-    assert!(
-        px[0] > 245 && (120..=136).contains(&px[1]) && px[2] < 10,
-        "{px:?}"
-    );
-}
-
-#[test]
-fn exif_rotated_jpegs_are_turned_upright_and_map_back() {
-    // A 600x400 stored image, red in the stored top-left corner.
-    let img = image::RgbImage::from_fn(600, 400, |x, y| {
-        if x < 60 && y < 60 {
-            image::Rgb([255, 0, 0])
+fn panorama_is_padded_not_cropped() {
+    let src = RgbImage::from_fn(2000, 400, |x, _| {
+        if x < 1000 {
+            Rgb([200, 20, 20])
         } else {
-            image::Rgb([0, 0, 255])
+            Rgb([20, 20, 200])
         }
     });
-    let jpeg = enc(&DynamicImage::ImageRgb8(img), image::ImageFormat::Jpeg);
-    let data = Bytes::from(with_exif_orientation(&jpeg, 6));
-    assert_eq!(probe(&data).unwrap().orientation, 6);
-    let p = run(data);
-    assert_in_spec(&p);
-    assert_eq!((p.width, p.height), (400, 600), "dimensions swapped");
-    let (u, v) = p.transforms.to_prepared(30.0, 30.0);
-    let out = image::load_from_memory(&p.bytes).unwrap().to_rgb8();
-    let px = out.get_pixel(u as u32, v as u32).0;
-    assert!(
-        px[0] > 200 && px[2] < 60,
-        "the red corner is where the record says: {px:?} at {u},{v}"
+    let out = run(encode(&DynamicImage::ImageRgb8(src), ImageFormat::Png)).unwrap();
+    let img = assert_in_spec(&out).into_rgb8();
+    assert_eq!(
+        (out.format, out.width, out.height),
+        (OutputFormat::Jpeg, 2000, 800)
     );
-    let (x, y) = p.transforms.to_source(u, v).unwrap();
-    assert!((x - 30.0).abs() < 1e-9 && (y - 30.0).abs() < 1e-9);
+    let rec = &out.transforms;
+    // Every source pixel is in the output: the source corners map inside it.
+    for (x, y) in [(0.0, 0.0), (2000.0, 0.0), (0.0, 400.0), (2000.0, 400.0)] {
+        let (u, v) = rec.to_prepared(x, y);
+        assert!(
+            (0.0..=2000.0).contains(&u) && (200.0..=600.0).contains(&v),
+            "({x},{y}) -> ({u},{v})"
+        );
+        assert_eq!(rec.to_source(u, v), Some((x, y)));
+    }
+    // Padding above and below maps to nothing and is white.
+    for (u, v) in [(10.5, 10.5), (1990.5, 790.5), (1000.5, 199.5)] {
+        assert_eq!(rec.to_source(u, v), None);
+        let px = img.get_pixel(u as u32, v as u32);
+        assert!(px.0.iter().all(|&c| c > 245), "padding {px:?}");
+    }
+    let px = img.get_pixel(100, 400);
+    assert!(px[0] > 180 && px[2] < 60, "content {px:?}");
 }
 
 #[test]
-fn oversize_noise_png_is_brought_under_10_mb() {
-    let mut rng = 0x1234_5678u32;
-    let img = image::RgbImage::from_fn(2400, 1800, |_, _| {
-        rng ^= rng << 13;
-        rng ^= rng >> 17;
-        rng ^= rng << 5;
-        image::Rgb([rng as u8, (rng >> 8) as u8, (rng >> 16) as u8])
+fn absurd_strip_is_scaled_down_not_padded_into_a_huge_canvas() {
+    let out = run(encode(&gradient(30_000, 2), ImageFormat::Png)).unwrap();
+    assert_in_spec(&out);
+    let pixels = u64::from(out.width) * u64::from(out.height);
+    assert!(pixels <= 2 * 300 * 750, "{out:?}");
+    let (x, y) = out
+        .transforms
+        .to_source(f64::from(out.width), f64::from(out.height) / 2.0)
+        .unwrap();
+    assert!(
+        (x - 30_000.0).abs() < 1e-6 && (0.0..=2.0).contains(&y),
+        "right edge maps to the source's"
+    );
+}
+
+#[test]
+fn other_formats_are_converted_into_spec() {
+    for format in [
+        ImageFormat::WebP,
+        ImageFormat::Gif,
+        ImageFormat::Bmp,
+        ImageFormat::Tiff,
+    ] {
+        let out = run(encode(&gradient(640, 480), format)).unwrap();
+        assert_in_spec(&out);
+        assert_eq!((out.width, out.height), (640, 480), "{format:?}");
+        assert!(
+            matches!(out.violations[..], [Violation::Format { .. }]),
+            "{format:?}"
+        );
+    }
+}
+
+#[test]
+fn transparency_stays_png_with_transparent_padding() {
+    let src = RgbaImage::from_fn(1000, 200, |x, _| {
+        Rgba([10, 200, 10, if x < 500 { 255 } else { 0 }])
     });
-    let data = enc(&DynamicImage::ImageRgb8(img), image::ImageFormat::Png);
+    let out = run(encode(&DynamicImage::ImageRgba8(src), ImageFormat::Png)).unwrap();
+    let img = assert_in_spec(&out).into_rgba8();
+    assert_eq!(
+        (out.format, out.width, out.height),
+        (OutputFormat::Png, 1000, 400)
+    );
+    assert!(out.transforms.steps.contains(&Transform::Pad {
+        left: 0,
+        top: 100,
+        right: 0,
+        bottom: 100,
+        color: [0, 0, 0, 0]
+    }));
+    assert_eq!(img.get_pixel(5, 5).0, [0, 0, 0, 0]);
+    assert_eq!(img.get_pixel(5, 150).0, [10, 200, 10, 255]);
+    assert_eq!(img.get_pixel(900, 150)[3], 0);
+}
+
+#[test]
+fn sixteen_bit_png_comes_out_with_correct_8_bit_colours() {
+    let colours: [[u16; 3]; 4] = [
+        [0xFFFF, 0, 0],
+        [0x8080, 0x4040, 0x1234],
+        [0, 0xFFFF, 0x0101],
+        [0xC0C0, 0xC0C0, 0xC0C0],
+    ];
+    let src = image::ImageBuffer::<Rgb<u16>, _>::from_fn(100, 100, |x, y| {
+        Rgb(colours[(x / 50 + 2 * (y / 50)) as usize])
+    });
+    let out = run(encode(&DynamicImage::ImageRgb16(src), ImageFormat::Png)).unwrap();
+    let img = assert_in_spec(&out).into_rgb8();
+    assert_eq!((out.width, out.height), (300, 300));
+    for (i, c) in colours.iter().enumerate() {
+        let (x, y) = (75 + 150 * (i as u32 % 2), 75 + 150 * (i as u32 / 2));
+        let got = img.get_pixel(x, y).0;
+        for (g, want) in got
+            .iter()
+            .zip(c.map(|v| (u32::from(v) * 255 + 32_767) / 65_535))
+        {
+            assert!(
+                g.abs_diff(want as u8) <= 4,
+                "quadrant {i}: {got:?} vs {c:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn exif_orientation_6_is_applied_and_mapped_back() {
+    // 400x320 grey, with a red 40x40 block in the stored top-left corner.
+    let src = RgbImage::from_fn(400, 320, |x, y| {
+        if x < 40 && y < 40 {
+            Rgb([230, 0, 0])
+        } else {
+            Rgb([128, 128, 128])
+        }
+    });
+    let jpeg = with_exif_orientation(&encode(&DynamicImage::ImageRgb8(src), ImageFormat::Jpeg), 6);
+    let out = run(jpeg).unwrap();
+    let img = assert_in_spec(&out).into_rgb8();
+    assert_eq!(
+        (out.width, out.height),
+        (320, 400),
+        "rotated: sides swapped"
+    );
+    assert_eq!(out.violations, vec![Violation::Orientation { exif: 6 }]);
+    assert_eq!(out.transforms.steps[0], Transform::Orient { exif: 6 });
+
+    // Rotating 90 degrees clockwise takes the top-left corner to the top-right.
+    let (u, v) = out.transforms.to_prepared(20.0, 20.0);
+    assert_eq!((u, v), (300.0, 20.0));
+    let px = img.get_pixel(u as u32, v as u32);
+    assert!(px[0] > 200 && px[1] < 50, "marked corner {px:?}");
+    assert_eq!(out.transforms.to_source(u, v), Some((20.0, 20.0)));
+    let grey = img.get_pixel(20, 20);
+    assert!(grey[0] < 160 && grey[1] > 100, "unmarked corner {grey:?}");
+}
+
+#[test]
+fn every_orientation_with_resize_and_pad_maps_marked_pixels() {
+    // 120x24 stored: red block at the stored top-left, blue at bottom-right.
+    let src = RgbImage::from_fn(120, 24, |x, y| match (x, y) {
+        (0..12, 0..12) => Rgb([230, 0, 0]),
+        (108.., 12..) => Rgb([0, 0, 230]),
+        _ => Rgb([128, 128, 128]),
+    });
+    let jpeg = encode(&DynamicImage::ImageRgb8(src), ImageFormat::Jpeg);
+    for o in 1..=8u8 {
+        let out = run(with_exif_orientation(&jpeg, o)).unwrap();
+        let img = assert_in_spec(&out).into_rgb8();
+        let rec = &out.transforms;
+        for ((x, y), red) in [((6.0, 6.0), true), ((114.0, 18.0), false)] {
+            let (u, v) = rec.to_prepared(x, y);
+            let px = img.get_pixel(u as u32, v as u32);
+            let (hit, other) = if red { (px[0], px[2]) } else { (px[2], px[0]) };
+            assert!(
+                hit > 180 && other < 60,
+                "orientation {o}: ({x},{y}) -> ({u},{v}) is {px:?}"
+            );
+            let (sx, sy) = rec.to_source(u, v).unwrap();
+            assert!((sx - x).abs() < 1e-9 && (sy - y).abs() < 1e-9);
+        }
+        // The padding strips (orientations 5..=8 turn the strip upright) map to nothing.
+        assert_eq!(rec.to_source(0.5, 0.5), None, "orientation {o}");
+    }
+}
+
+#[test]
+fn oversized_noise_png_becomes_a_jpeg_under_the_limit() {
+    let noise = RgbImage::from_raw(2000, 1800, noise_bytes(2000 * 1800 * 3, 1)).unwrap();
+    let png = encode(&DynamicImage::ImageRgb8(noise), ImageFormat::Png);
+    assert!(png.len() as u64 > Spec::KLING.max_bytes);
+    let out = run(png).unwrap();
+    assert_in_spec(&out);
+    assert_eq!(out.format, OutputFormat::Jpeg);
+    assert!(out.bytes.len() as u64 <= Spec::KLING.max_bytes);
     assert!(
-        data.len() > 10 * 1024 * 1024,
-        "fixture is over 10 MB: {}",
-        data.len()
+        out.violations
+            .iter()
+            .any(|v| matches!(v, Violation::TooLarge { .. }))
     );
-    let p = run(data);
-    assert_in_spec(&p);
-    assert_eq!(p.format, OutputFormat::Jpeg);
 }
 
 #[test]
-fn bad_input_gets_a_specific_error_never_a_panic() {
-    let jpeg = enc(
-        &DynamicImage::ImageRgb8(rgb(640, 480)),
-        image::ImageFormat::Jpeg,
+fn oversized_transparent_noise_is_downscaled_as_png() {
+    let mut raw = noise_bytes(2000 * 1500 * 4, 2);
+    raw.chunks_exact_mut(4).for_each(|p| p[3] = p[3].max(1));
+    let png = encode(
+        &DynamicImage::ImageRgba8(RgbaImage::from_raw(2000, 1500, raw).unwrap()),
+        ImageFormat::Png,
     );
-    let code = |d: &[u8]| match prepare(Bytes::copy_from_slice(d), &Spec::KLING, &Limits::default())
-    {
-        Ok(p) => panic!("accepted {} bytes as {p:?}", d.len()),
-        Err(e) => e.code(),
+    assert!(png.len() as u64 > Spec::KLING.max_bytes);
+    let out = run(png).unwrap();
+    assert_in_spec(&out);
+    assert_eq!(out.format, OutputFormat::Png);
+    assert!(out.width < 2000 && out.width >= 300);
+    assert!(matches!(
+        out.transforms.steps[0],
+        Transform::Resize {
+            from: [2000, 1500],
+            ..
+        }
+    ));
+    let (x, y) = out
+        .transforms
+        .to_source(f64::from(out.width), f64::from(out.height))
+        .unwrap();
+    assert!((x - 2000.0).abs() < 1e-6 && (y - 1500.0).abs() < 1e-6);
+}
+
+#[test]
+fn bad_input_gives_specific_errors() {
+    let code = |r: Result<Prepared, PrepareError>| r.unwrap_err().code();
+    assert_eq!(code(run(Vec::new())), "image_empty");
+    assert_eq!(code(run(noise_bytes(10_000, 3))), "image_format_unknown");
+    let jpeg = encode(&gradient(640, 480), ImageFormat::Jpeg);
+    assert_eq!(
+        code(run(jpeg[..jpeg.len() / 2].to_vec())),
+        "image_truncated"
+    );
+    let small = encode(&gradient(200, 150), ImageFormat::Png);
+    assert_eq!(
+        code(run(small[..small.len() / 2].to_vec())),
+        "image_truncated"
+    );
+    let err = run(png_header_only(100_000, 100_000)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PrepareError::TooManyPixels {
+                width: 100_000,
+                height: 100_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let limits = Limits {
+        max_side: 500,
+        ..Limits::default()
     };
-    assert_eq!(code(b""), "image_empty");
-    assert_eq!(code(b"%PDF-1.7 hello"), "image_format_unknown");
-    assert_eq!(code(&jpeg[..jpeg.len() / 2]), "image_truncated");
-    assert_eq!(code(&jpeg[..300]), "image_undecodable");
-    assert_eq!(
-        code(&png_header_only(20_000, 20_000)),
-        "image_too_many_pixels"
-    );
-    assert_eq!(
-        code(&png_header_only(100_000, 10)),
-        "image_dimension_too_large"
-    );
-    // A header that claims a small in-range image but has no data.
-    assert_eq!(code(&png_header_only(500, 100)), "image_undecodable");
+    let err = prepare(Bytes::from(jpeg.clone()), &Spec::KLING, &limits).unwrap_err();
+    assert_eq!(err.code(), "image_dimension_too_large");
+    let limits = Limits {
+        max_input_bytes: 100,
+        ..Limits::default()
+    };
+    let err = prepare(Bytes::from(jpeg), &Spec::KLING, &limits).unwrap_err();
+    assert_eq!(err.code(), "image_input_too_large");
 }
 
 #[test]
-fn probe_reads_only_the_header() {
-    // Signature + IHDR, then a 20 MB IDAT that the probe must not read.
-    let mut data = png_header_only(4000, 3000)[..33].to_vec();
-    data.extend_from_slice(&(20u32 * 1024 * 1024).to_be_bytes());
-    data.extend_from_slice(b"IDAT");
-    data.extend(std::iter::repeat_n(0xAB, 20 * 1024 * 1024));
-    let p = probe(&data).unwrap();
+fn every_error_is_permanent_with_a_stable_code() {
+    let errors = [
+        PrepareError::Empty,
+        PrepareError::UnknownFormat,
+        PrepareError::Undecodable { reason: "x".into() },
+        PrepareError::TooManyPixels {
+            width: 1,
+            height: 1,
+            max_pixels: 0,
+        },
+        PrepareError::CannotFit {
+            width: 300,
+            height: 300,
+            bytes: 11,
+            max_bytes: 10,
+        },
+    ];
+    let codes: Vec<_> = errors.iter().map(|e| e.code()).collect();
     assert_eq!(
-        (p.width, p.height, p.format),
-        (4000, 3000, SourceFormat::Png)
+        codes,
+        [
+            "image_empty",
+            "image_format_unknown",
+            "image_undecodable",
+            "image_too_many_pixels",
+            "image_cannot_fit"
+        ]
     );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.disposition() == Disposition::Permanent)
+    );
+}
+
+#[test]
+fn estimate_reserves_the_full_frame() {
+    let p = probe(&png_header_only(100_000, 100_000)).unwrap();
+    assert_eq!(estimate_decode_pixels(&p), 10_000_000_000);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Damaged files must fail with an error, never a panic, and anything
+    /// that does come out must be in spec.
+    #[test]
+    fn damaged_input_never_panics(
+        format in prop::sample::select(vec![ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Gif, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Tiff]),
+        cut in 0.0f64..=1.0,
+        flips in prop::collection::vec((0.0f64..1.0, any::<u8>()), 0..8),
+    ) {
+        let mut data = encode(&gradient(64, 48), format);
+        for (at, byte) in flips {
+            let i = (at * data.len() as f64) as usize;
+            data[i] = byte;
+        }
+        data.truncate((cut * data.len() as f64) as usize);
+        if let Ok(out) = run(data) {
+            let p = probe(&out.bytes).unwrap();
+            prop_assert_eq!(check(&p, &Spec::KLING), vec![]);
+        }
+    }
 }

@@ -1,54 +1,79 @@
-//! The Kling API simulator: a real HTTP server that follows the
-//! image-recognize contract of `../shared/kling-api.md` — JWT checks with
-//! the exact 100x codes, the input spec (1201), realistic deterministic
-//! segmentation PNGs served from its own CDN path with expiring signed URLs,
-//! latency, and every fault the worker must survive, switchable at run time.
+//! The Kling API simulator: a real HTTP server on loopback that follows the
+//! Kling image-recognize contract (JWT auth, input spec, response shape,
+//! every error code with its HTTP status), for integration tests and
+//! `worker demo`. Nothing in the project calls the real Kling API.
 //!
-//! Used by the tests, `worker demo` and `worker sim`. It knows nothing about
-//! the worker: it is written against the API contract only.
+//! Owns: the recognize endpoint (`auth`, `spec`, `masks`), the result
+//! CDN with signed, expiring URLs (`cdn`), fault injection ([`Faults`]),
+//! call statistics ([`SimStats`]) and the admin endpoints `/__sim/*` for
+//! tests that run the worker as a subprocess.
+//!
+//! Must know nothing about the worker: it stands in for Kling and speaks
+//! only HTTP. It never logs the secret key or a JWT.
 
+mod auth;
+mod cdn;
+mod conn;
+mod faults;
 mod masks;
+mod spec;
+#[cfg(test)]
+mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{fmt, io};
 
-use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::Router;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header::CONTENT_TYPE};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use base64::Engine as _;
 use bytes::Bytes;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
+use self::cdn::{Lookup, ResultStore};
+use self::conn::{Peer, SimListener};
+pub use self::faults::{Fault, Faults, FaultsUpdate, RandomFaults};
+use self::masks::Segment;
 
-/// How the simulator is started.
+/// The recognize endpoint, as on the real API.
+pub const RECOGNIZE_PATH: &str = "/v1/videos/image-recognize";
+/// Room for a 10 MB image in base64 plus slack; larger bodies get 1200.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+const NON_JSON_BODY: &str =
+    "<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>";
+
+/// How to start a simulator.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// Where to listen; `127.0.0.1:0` in tests.
     pub bind: SocketAddr,
-    /// The expected `iss`.
+    /// The expected JWT `iss`.
     pub access_key: String,
+    /// The HS256 key.
     pub secret_key: SecretString,
     /// Added to every recognize call.
     pub latency: Duration,
-    /// How long CDN URLs stay valid (Kling: 30 days).
+    /// How long CDN URLs stay valid (real Kling: 30 days). Whole seconds.
     pub result_ttl: Duration,
-    /// Seed of the random fault injection.
+    /// Seed for random fault injection.
     pub seed: u64,
 }
 
 impl SimConfig {
+    /// Loopback on a free port, no latency, 30-day URLs, seed 0.
     pub fn new(access_key: impl Into<String>, secret_key: impl Into<String>) -> Self {
         Self {
-            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             access_key: access_key.into(),
             secret_key: SecretString::from(secret_key.into()),
             latency: Duration::ZERO,
@@ -58,624 +83,590 @@ impl SimConfig {
     }
 }
 
-/// Counters, as a snapshot.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Call statistics, as a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimStats {
-    /// Every POST to the endpoint.
+    /// Every POST to the recognize endpoint.
     pub recognize_calls: u64,
-    /// Calls answered with code 0: these cost money.
+    /// Calls answered with code 0 (these cost money), `MissingData` included.
     pub billed_calls: u64,
-    /// Service code → count (0 included).
+    /// Service code → count, 0 included (a `Hang` counts as 5002; non-JSON
+    /// answers and dropped connections have no code).
     pub calls_by_code: BTreeMap<u32, u64>,
     pub in_flight: u64,
     pub peak_in_flight: u64,
+    /// Successful segment GETs.
     pub cdn_downloads: u64,
+    /// GETs refused because the URL expired.
     pub cdn_expired: u64,
 }
 
-/// What one faulty call does instead of succeeding.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
-pub enum Fault {
-    /// Answer with this service code and the contract's HTTP status for it.
-    Code(u32),
-    /// 200 with an HTML body.
-    NonJson200,
-    /// Sleep, then answer 5002 / 504.
-    Hang(#[serde(with = "millis")] Duration),
-    /// Close the connection without an answer.
-    DropConnection,
-    /// 200, code 0, but no `data`.
-    MissingData,
-}
+/// Starts simulators.
+pub struct Simulator;
 
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
+impl Simulator {
+    /// Bind and serve in a background task until [`SimHandle::shutdown`].
+    pub async fn start(config: SimConfig) -> io::Result<SimHandle> {
+        let (handle, _server) = spawn(config).await?;
+        Ok(handle)
     }
 }
 
-/// The HTTP status the contract table gives a service code.
-pub fn status_for(code: u32) -> u16 {
-    match code {
-        0 => 200,
-        1000..=1004 => 401,
-        1100..=1102 | 1302..=1304 => 429,
-        1103 => 403,
-        1200 | 1201 | 1300 | 1301 => 400,
-        1202 | 1203 => 404,
-        5001 => 503,
-        5002 => 504,
-        _ => 500,
+/// Serve until `shutdown` completes (the `worker sim` subcommand).
+pub async fn run(
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let (handle, mut server) = spawn(config).await?;
+    tracing::info!(addr = %handle.addr(), base_url = %handle.base_url(), "kling simulator listening");
+    tokio::select! {
+        ended = &mut server => return ended.map_err(io::Error::other).and_then(|r| r),
+        () = shutdown => {}
     }
+    handle.shutdown();
+    server.await.map_err(io::Error::other).and_then(|r| r)
 }
 
-#[derive(Default)]
-struct FaultState {
-    queue: VecDeque<Fault>,
-    random_rate: f64,
-    random_pool: Vec<Fault>,
-    account_error: Option<u32>,
-    max_concurrency: Option<usize>,
-}
-
-/// Run-time fault control, shared with the server.
-pub struct Faults {
-    state: Mutex<FaultState>,
-    rng: Mutex<fastrand::Rng>,
-}
-
-impl Faults {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// One-shot faults, consumed first, in order.
-    pub fn push(&self, fault: Fault) {
-        self.lock().queue.push_back(fault);
-    }
-
-    /// Each call fails with probability `rate`, with a fault drawn from `pool`.
-    pub fn set_random(&self, rate: f64, pool: Vec<Fault>) {
-        let mut s = self.lock();
-        s.random_rate = rate;
-        s.random_pool = pool;
-    }
-
-    /// Every call answers this account code (e.g. 1101 arrears) until cleared.
-    pub fn set_account_error(&self, code: Option<u32>) {
-        self.lock().account_error = code;
-    }
-
-    /// Calls beyond `n` in flight answer 1303.
-    pub fn set_max_concurrency(&self, n: Option<usize>) {
-        self.lock().max_concurrency = n;
-    }
-}
-
-struct Inner {
-    cfg: SimConfig,
-    base_url: String,
-    faults: Faults,
-    stats: Mutex<SimStats>,
-    results: Mutex<HashMap<String, Bytes>>,
-    counter: AtomicU64,
-    /// URLs issued with a serial at or below this are expired.
-    expired_through: AtomicU64,
-    latency_ms: AtomicU64,
-    stop: CancellationToken,
-}
-
-impl Inner {
-    fn stats(&self) -> std::sync::MutexGuard<'_, SimStats> {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn sign(&self, path: &str, expires: u64) -> String {
-        let mut h = Sha256::new();
-        h.update(self.cfg.secret_key.expose_secret().as_bytes());
-        h.update(path.as_bytes());
-        h.update(expires.to_be_bytes());
-        hex::encode(&h.finalize()[..16])
-    }
-}
-
-/// A running simulator.
+/// Control of a running simulator; clones share it.
 #[derive(Clone)]
 pub struct SimHandle {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     addr: SocketAddr,
 }
 
 impl SimHandle {
+    /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// `http://127.0.0.1:PORT`: the API base and the CDN base.
     pub fn base_url(&self) -> String {
-        self.inner.base_url.clone()
+        format!("http://{}", self.shared.host)
     }
 
-    /// `host:port` the worker must allow for downloads.
+    /// `127.0.0.1:PORT`: the host result URLs point at.
     pub fn result_host(&self) -> String {
-        self.addr.to_string()
+        self.shared.host.clone()
     }
 
     pub fn stats(&self) -> SimStats {
-        self.inner.stats().clone()
+        self.shared.stats().clone()
     }
 
     pub fn faults(&self) -> &Faults {
-        &self.inner.faults
+        &self.shared.faults
     }
 
-    pub fn set_latency(&self, d: Duration) {
-        self.inner
-            .latency_ms
-            .store(d.as_millis() as u64, Ordering::Relaxed);
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.set_latency(latency);
     }
 
-    /// Make every URL issued so far expired.
-    pub fn expire_all_results(&self) {
-        let n = self.inner.counter.load(Ordering::SeqCst);
-        self.inner.expired_through.store(n, Ordering::SeqCst);
-    }
-
-    /// Stop accepting connections.
+    /// Stop accepting; the server task ends once open calls finish.
     pub fn shutdown(&self) {
-        self.inner.stop.cancel();
+        self.shared.shutdown.send_replace(true);
     }
 }
 
-pub struct Simulator;
+impl fmt::Debug for SimHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
 
-impl Simulator {
-    pub async fn start(config: SimConfig) -> std::io::Result<SimHandle> {
-        let listener = tokio::net::TcpListener::bind(config.bind).await?;
-        let addr = listener.local_addr()?;
-        let inner = Arc::new(Inner {
-            base_url: format!("http://{addr}"),
-            faults: Faults {
-                state: Mutex::default(),
-                rng: Mutex::new(fastrand::Rng::with_seed(config.seed)),
+/// State shared by the handlers and every handle.
+struct Shared {
+    access_key: String,
+    secret_key: SecretString,
+    result_ttl: Duration,
+    /// `host:port` that URLs use (loopback if bound to an unspecified address).
+    host: String,
+    latency_nanos: AtomicU64,
+    faults: Faults,
+    stats: Mutex<SimStats>,
+    results: ResultStore,
+    /// Calls holding a concurrency slot (admitted past the 1303 check).
+    admitted: AtomicUsize,
+    counter: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+async fn spawn(config: SimConfig) -> io::Result<(SimHandle, JoinHandle<io::Result<()>>)> {
+    let listener = TcpListener::bind(config.bind).await?;
+    let addr = listener.local_addr()?;
+    let url_ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let shared = Arc::new(Shared {
+        results: ResultStore::new(&config.secret_key),
+        access_key: config.access_key,
+        secret_key: config.secret_key,
+        result_ttl: config.result_ttl,
+        host: SocketAddr::new(url_ip, addr.port()).to_string(),
+        latency_nanos: AtomicU64::new(0),
+        faults: Faults::new(config.seed),
+        stats: Mutex::new(SimStats::default()),
+        admitted: AtomicUsize::new(0),
+        counter: AtomicU64::new(0),
+        shutdown: watch::channel(false).0,
+    });
+    shared.set_latency(config.latency);
+
+    let mut stop = shared.shutdown.subscribe();
+    let app = router(Arc::clone(&shared)).into_make_service_with_connect_info::<Peer>();
+    let server = axum::serve(SimListener::new(listener), app).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    });
+    let task = tokio::spawn(async move {
+        let ended = server.await;
+        if let Err(e) = &ended {
+            tracing::error!(error = %e, "kling simulator stopped");
+        }
+        ended
+    });
+    Ok((SimHandle { shared, addr }, task))
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(RECOGNIZE_PATH, post(recognize).fallback(invalid_method))
+        .route("/cdn/{id}/{file}", get(cdn_get))
+        .route("/__sim/stats", get(admin_stats))
+        .route("/__sim/faults", post(admin_faults))
+        .fallback(no_such_resource)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------
+// Recognize
+
+/// What one recognize call answers.
+enum Answer {
+    Json {
+        code: u32,
+        message: Option<String>,
+        data: DataField,
+    },
+    Html,
+    Hang(Duration),
+    Drop,
+}
+
+impl Answer {
+    fn code(code: u32) -> Self {
+        Answer::Json {
+            code,
+            message: None,
+            data: DataField::Null,
+        }
+    }
+
+    fn rejected(code: u32, message: impl Into<String>) -> Self {
+        Answer::Json {
+            code,
+            message: Some(message.into()),
+            data: DataField::Null,
+        }
+    }
+
+    fn fault(fault: Fault) -> Self {
+        match fault {
+            Fault::Code(code) => Answer::code(code),
+            Fault::NonJson200 => Answer::Html,
+            Fault::Hang(d) => Answer::Hang(d),
+            Fault::DropConnection => Answer::Drop,
+            Fault::MissingData => Answer::Json {
+                code: 0,
+                message: None,
+                data: DataField::Omitted,
             },
-            stats: Mutex::default(),
-            results: Mutex::default(),
-            counter: AtomicU64::new(0),
-            expired_through: AtomicU64::new(0),
-            latency_ms: AtomicU64::new(config.latency.as_millis() as u64),
-            stop: CancellationToken::new(),
-            cfg: config,
-        });
-        let router = Router::new()
-            .route("/v1/videos/image-recognize", post(recognize))
-            .route("/cdn/{id}/{file}", get(cdn))
-            .route("/__sim/stats", get(admin_stats))
-            .route("/__sim/faults", post(admin_faults))
-            // Base64 of a 10 MB image is ~13.4 MB; leave room to answer an
-            // oversize image with 1201 rather than a bare 413.
-            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
-            .with_state(inner.clone());
-        tokio::spawn(serve(listener, router, inner.stop.clone()));
-        Ok(SimHandle { inner, addr })
+        }
     }
-}
 
-/// Serve until `shutdown` resolves (the `worker sim` subcommand).
-pub async fn run(
-    config: SimConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let handle = Simulator::start(config).await?;
-    tracing::info!(addr = %handle.addr(), "Kling simulator listening");
-    shutdown.await;
-    handle.shutdown();
-    Ok(())
-}
+    /// The service code for the statistics.
+    fn service_code(&self) -> Option<u32> {
+        match self {
+            Answer::Json { code, .. } => Some(*code),
+            Answer::Hang(_) => Some(5002),
+            Answer::Html | Answer::Drop => None,
+        }
+    }
 
-/// A per-connection token: cancelling it drops the connection unanswered.
-#[derive(Clone)]
-struct ConnKill(CancellationToken);
-
-async fn serve(listener: tokio::net::TcpListener, router: Router, stop: CancellationToken) {
-    loop {
-        let sock = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            () = stop.cancelled() => return,
-        };
-        let kill = CancellationToken::new();
-        let svc = router.clone().layer(Extension(ConnKill(kill.clone())));
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let conn = builder.serve_connection(
-                hyper_util::rt::TokioIo::new(sock),
-                hyper_util::service::TowerToHyperService::new(svc),
-            );
-            tokio::select! {
-                _ = conn => {}
-                () = kill.cancelled() => {}
-                () = stop.cancelled() => {}
+    async fn respond(self, request_id: &str, peer: &Peer) -> Response {
+        match self {
+            Answer::Json {
+                code,
+                message,
+                data,
+            } => envelope(code, message.as_deref(), request_id, &data),
+            Answer::Html => (
+                StatusCode::OK,
+                [(CONTENT_TYPE, "text/html; charset=utf-8")],
+                NON_JSON_BODY,
+            )
+                .into_response(),
+            Answer::Hang(d) => {
+                tokio::time::sleep(d).await;
+                envelope(5002, None, request_id, &DataField::Null)
             }
-        });
+            Answer::Drop => {
+                // The writes of this response fail, so hyper closes the socket.
+                peer.drop_connection();
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
     }
 }
 
 #[derive(Serialize)]
-struct Answer {
+struct Envelope<'a> {
     code: u32,
-    message: String,
-    request_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<serde_json::Value>,
+    message: &'a str,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "DataField::is_omitted")]
+    data: &'a DataField,
 }
 
-fn answer(
-    inner: &Inner,
-    code: u32,
-    message: impl Into<String>,
-    data: Option<serde_json::Value>,
-) -> Response {
-    {
-        let mut s = inner.stats();
-        *s.calls_by_code.entry(code).or_default() += 1;
-        if code == 0 {
-            s.billed_calls += 1;
-        }
+#[derive(Serialize)]
+#[serde(untagged)]
+enum DataField {
+    Null,
+    Omitted,
+    Success(SuccessData),
+}
+
+impl DataField {
+    fn is_omitted(data: &&DataField) -> bool {
+        matches!(data, DataField::Omitted)
     }
-    let n = inner.counter.fetch_add(1, Ordering::SeqCst) + 1;
-    let body = Answer {
-        code,
-        message: message.into(),
-        request_id: format!("sim-{n}-{:08x}", fastrand::u32(..)),
-        data,
-    };
-    let status =
-        StatusCode::from_u16(status_for(code)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(body)).into_response()
+}
+
+#[derive(Serialize)]
+struct SuccessData {
+    final_unit_deduction: &'static str,
+    task_result: TaskResult,
+}
+
+#[derive(Serialize)]
+struct TaskResult {
+    images: Vec<ImageEntry>,
+}
+
+#[derive(Serialize)]
+struct ImageEntry {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    is_contain: bool,
+    url: String,
 }
 
 #[derive(Deserialize)]
-struct Claims {
-    iss: Option<String>,
-    exp: Option<u64>,
-    nbf: Option<u64>,
+struct RecognizeBody {
+    image: Option<String>,
 }
 
-fn now() -> u64 {
+/// The contract's code table: HTTP status and default message of a service
+/// code; unknown codes get 500.
+fn code_info(code: u32) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match code {
+        0 => (S::OK, "SUCCEED"),
+        1000 => (S::UNAUTHORIZED, "authentication failed"),
+        1001 => (S::UNAUTHORIZED, "Authorization header is empty"),
+        1002 => (S::UNAUTHORIZED, "Authorization is invalid"),
+        1003 => (S::UNAUTHORIZED, "token is not yet valid"),
+        1004 => (S::UNAUTHORIZED, "token has expired"),
+        1100 => (S::TOO_MANY_REQUESTS, "account exception"),
+        1101 => (S::TOO_MANY_REQUESTS, "account in arrears"),
+        1102 => (S::TOO_MANY_REQUESTS, "resource pack depleted or expired"),
+        1103 => (S::FORBIDDEN, "no permission for this resource or model"),
+        1200 => (S::BAD_REQUEST, "invalid request parameters"),
+        1201 => (S::BAD_REQUEST, "invalid parameter"),
+        1202 => (S::NOT_FOUND, "invalid method"),
+        1203 => (S::NOT_FOUND, "requested resource does not exist"),
+        1300 => (S::BAD_REQUEST, "platform policy triggered"),
+        1301 => (S::BAD_REQUEST, "content security policy triggered"),
+        1302 => (S::TOO_MANY_REQUESTS, "request rate limit exceeded"),
+        1303 => (
+            S::TOO_MANY_REQUESTS,
+            "parallel task over resource pack limit",
+        ),
+        1304 => (S::TOO_MANY_REQUESTS, "IP whitelist policy triggered"),
+        5000 => (S::INTERNAL_SERVER_ERROR, "server internal error"),
+        5001 => (S::SERVICE_UNAVAILABLE, "server temporarily unavailable"),
+        5002 => (S::GATEWAY_TIMEOUT, "server internal timeout"),
+        _ => (S::INTERNAL_SERVER_ERROR, "unknown error"),
+    }
+}
+
+fn envelope(code: u32, message: Option<&str>, request_id: &str, data: &DataField) -> Response {
+    let (status, default_message) = code_info(code);
+    let body = Envelope {
+        code,
+        message: message.unwrap_or(default_message),
+        request_id,
+        data,
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn recognize(
+    State(sim): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let _in_flight = InFlight::enter(&sim);
+    let request_id = sim.next_id("sim-");
+    // The slot is held until the answer is written, latency included.
+    let (answer, _slot) = sim.decide(&headers, body).await;
+    let code = answer.service_code();
+    if let Some(code) = code {
+        let mut stats = sim.stats();
+        *stats.calls_by_code.entry(code).or_default() += 1;
+        stats.billed_calls += u64::from(code == 0);
+    }
+    tracing::debug!(request_id, peer = %peer.addr, code, "recognize call");
+    let latency = sim.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    answer.respond(&request_id, &peer).await
+}
+
+/// Other methods on the recognize path: 1202, as the contract lists it.
+async fn invalid_method(State(sim): State<Arc<Shared>>) -> Response {
+    envelope(1202, None, &sim.next_id("sim-"), &DataField::Null)
+}
+
+/// Paths the API does not have: 1203.
+async fn no_such_resource(State(sim): State<Arc<Shared>>) -> Response {
+    envelope(1203, None, &sim.next_id("sim-"), &DataField::Null)
+}
+
+impl Shared {
+    /// Auth, account switch, faults (queued, concurrency, random), then the
+    /// request itself.
+    async fn decide(
+        &self,
+        headers: &HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+    ) -> (Answer, Option<Slot<'_>>) {
+        if let Err(e) = auth::check(headers, &self.access_key, &self.secret_key, now_secs()) {
+            return (Answer::code(e.code()), None);
+        }
+        if let Some(code) = self.faults.account_error() {
+            return (Answer::code(code), None);
+        }
+        if let Some(fault) = self.faults.next_queued() {
+            return (Answer::fault(fault), None);
+        }
+        let Some(slot) = self.admit() else {
+            return (Answer::code(1303), None);
+        };
+        if let Some(fault) = self.faults.draw_random() {
+            return (Answer::fault(fault), Some(slot));
+        }
+        (self.recognize(body).await, Some(slot))
+    }
+
+    async fn recognize(&self, body: Result<Bytes, BytesRejection>) -> Answer {
+        let image = match parse_body(body) {
+            Ok(image) => image,
+            Err(answer) => return answer,
+        };
+        let work = tokio::task::spawn_blocking(move || {
+            spec::accept(&image).map(|accepted| masks::segment(&accepted.image, &accepted.sha256))
+        });
+        match work.await {
+            Ok(Ok(Ok(segments))) => Answer::Json {
+                code: 0,
+                message: None,
+                data: DataField::Success(self.issue(segments)),
+            },
+            Ok(Err(rejection)) => Answer::rejected(1201, rejection.to_string()),
+            Ok(Ok(Err(e))) => {
+                tracing::error!(error = %e, "simulator could not encode a segment");
+                Answer::code(5000)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "simulator recognize task failed");
+                Answer::code(5000)
+            }
+        }
+    }
+
+    /// Store the PNGs and build the success `data`.
+    fn issue(&self, segments: Vec<Segment>) -> SuccessData {
+        let id = self.next_id("r");
+        let now = now_secs();
+        let expires = now.saturating_add(self.result_ttl.as_secs());
+        let images = segments
+            .iter()
+            .map(|s| ImageEntry {
+                kind: s.kind.as_str(),
+                is_contain: s.png.is_some(),
+                url: match s.png {
+                    Some(_) => {
+                        self.results
+                            .url(&format!("http://{}", self.host), &id, s.kind, expires)
+                    }
+                    None => String::new(),
+                },
+            })
+            .collect();
+        let pngs = segments
+            .into_iter()
+            .filter_map(|s| s.png.map(|png| (s.kind, png)))
+            .collect();
+        self.results
+            .insert(id, expires, pngs, now, self.faults.generation());
+        SuccessData {
+            final_unit_deduction: "1",
+            task_result: TaskResult { images },
+        }
+    }
+
+    /// Take a concurrency slot, or `None` when over the limit (→ 1303).
+    fn admit(&self) -> Option<Slot<'_>> {
+        let held = self.admitted.fetch_add(1, Ordering::SeqCst) + 1;
+        let slot = Slot(self);
+        match self.faults.max_concurrency() {
+            Some(max) if held > max => None,
+            _ => Some(slot),
+        }
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{prefix}{n:06}-{:08x}", fastrand::u32(..))
+    }
+
+    fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency_nanos.load(Ordering::Relaxed))
+    }
+
+    fn set_latency(&self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn stats(&self) -> MutexGuard<'_, SimStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<String, Answer> {
+    let body = body.map_err(|e| {
+        Answer::rejected(1200, format!("cannot read request body: {}", e.body_text()))
+    })?;
+    let parsed: RecognizeBody = serde_json::from_slice(&body).map_err(|_| {
+        Answer::rejected(
+            1200,
+            "request body must be a JSON object with a string field `image`",
+        )
+    })?;
+    parsed
+        .image
+        .ok_or_else(|| Answer::rejected(1200, "missing required field `image`"))
+}
+
+/// Counts a call in flight for as long as it lives.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(sim: &'a Shared) -> Self {
+        let mut stats = sim.stats();
+        stats.recognize_calls += 1;
+        stats.in_flight += 1;
+        stats.peak_in_flight = stats.peak_in_flight.max(stats.in_flight);
+        InFlight(sim)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut stats = self.0.stats();
+        stats.in_flight = stats.in_flight.saturating_sub(1);
+    }
+}
+
+/// One unit of the simulated account's concurrency.
+struct Slot<'a>(&'a Shared);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-/// The contract's auth checks, with the precise code for each failure.
-fn check_auth(inner: &Inner, headers: &HeaderMap) -> Result<(), (u32, &'static str)> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if value.trim().is_empty() {
-        return Err((1001, "Authorization header is empty"));
-    }
-    let token = value
-        .strip_prefix("Bearer ")
-        .filter(|t| !t.starts_with(' ') && !t.is_empty())
-        .ok_or((1002, "Authorization is invalid"))?;
-    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    v.validate_exp = false;
-    v.validate_nbf = false;
-    v.required_spec_claims.clear();
-    let key =
-        jsonwebtoken::DecodingKey::from_secret(inner.cfg.secret_key.expose_secret().as_bytes());
-    let claims = jsonwebtoken::decode::<Claims>(token, &key, &v)
-        .map_err(|_| (1002, "Authorization is invalid"))?
-        .claims;
-    if claims.iss.as_deref() != Some(inner.cfg.access_key.as_str()) {
-        return Err((1000, "authentication failed"));
-    }
-    let now = now();
-    if claims.nbf.is_some_and(|nbf| nbf > now) {
-        return Err((1003, "token not yet valid"));
-    }
-    if claims.exp.is_none_or(|exp| exp < now) {
-        return Err((1004, "token expired"));
-    }
-    Ok(())
-}
-
-struct InFlight<'a>(&'a Inner);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.stats().in_flight -= 1;
-    }
-}
-
-async fn recognize(
-    State(inner): State<Arc<Inner>>,
-    Extension(kill): Extension<ConnKill>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let in_flight = {
-        let mut s = inner.stats();
-        s.recognize_calls += 1;
-        s.in_flight += 1;
-        s.peak_in_flight = s.peak_in_flight.max(s.in_flight);
-        s.in_flight
-    };
-    let _guard = InFlight(&inner);
-    let latency = inner.latency_ms.load(Ordering::Relaxed);
-    if latency > 0 {
-        tokio::time::sleep(Duration::from_millis(latency)).await;
-    }
-    if let Err((code, msg)) = check_auth(&inner, &headers) {
-        return answer(&inner, code, msg, None);
-    }
-    let fault = {
-        let mut s = inner.faults.lock();
-        if let Some(code) = s.account_error {
-            drop(s);
-            return answer(&inner, code, "account error", None);
-        }
-        if let Some(f) = s.queue.pop_front() {
-            Some(f)
-        } else if s.max_concurrency.is_some_and(|n| in_flight as usize > n) {
-            Some(Fault::Code(1303))
-        } else if s.random_rate > 0.0 && !s.random_pool.is_empty() {
-            let mut rng = inner.faults.rng.lock().unwrap_or_else(|p| p.into_inner());
-            (rng.f64() < s.random_rate)
-                .then(|| s.random_pool[rng.usize(..s.random_pool.len())].clone())
-        } else {
-            None
-        }
-    };
-    match fault {
-        Some(Fault::Code(code)) => {
-            return answer(&inner, code, format!("simulated fault {code}"), None);
-        }
-        Some(Fault::NonJson200) => {
-            *inner.stats().calls_by_code.entry(200_000).or_default() += 1;
-            return (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "text/html")],
-                "<html><body>maintenance</body></html>",
-            )
-                .into_response();
-        }
-        Some(Fault::Hang(d)) => {
-            tokio::time::sleep(d).await;
-            return answer(&inner, 5002, "server internal timeout", None);
-        }
-        Some(Fault::DropConnection) => {
-            kill.0.cancel();
-            std::future::pending::<()>().await;
-        }
-        Some(Fault::MissingData) => {
-            // Not billed: nothing usable came back.
-            *inner.stats().calls_by_code.entry(200_001).or_default() += 1;
-            let body = serde_json::json!({ "code": 0, "message": "SUCCEED", "request_id": "sim-missing-data" });
-            return (StatusCode::OK, Json(body)).into_response();
-        }
-        None => {}
-    }
-    let image = match parse_body(&body) {
-        Ok(b) => b,
-        Err((code, msg)) => return answer(&inner, code, msg, None),
-    };
-    let inner2 = inner.clone();
-    let result = tokio::task::spawn_blocking(move || validate_and_segment(&inner2, &image)).await;
-    match result {
-        Ok(Ok(images)) => answer(
-            &inner,
-            0,
-            "SUCCEED",
-            Some(
-                serde_json::json!({ "final_unit_deduction": "1", "task_result": { "images": images } }),
-            ),
-        ),
-        Ok(Err(msg)) => answer(&inner, 1201, msg, None),
-        Err(_) => answer(&inner, 5000, "server internal error", None),
-    }
-}
-
-fn parse_body(body: &[u8]) -> Result<Vec<u8>, (u32, String)> {
-    #[derive(Deserialize)]
-    struct Req {
-        image: Option<String>,
-    }
-    let req: Req =
-        serde_json::from_slice(body).map_err(|e| (1200, format!("invalid request body: {e}")))?;
-    let image = req
-        .image
-        .filter(|s| !s.is_empty())
-        .ok_or((1200, "image is required".to_owned()))?;
-    if image.starts_with("data:") {
-        return Err((
-            1201,
-            "image must be bare base64; the data: prefix is not allowed".into(),
-        ));
-    }
-    if image.starts_with("http://") || image.starts_with("https://") {
-        return Err((1201, "image URL not reachable from the simulator".into()));
-    }
-    base64::engine::general_purpose::STANDARD
-        .decode(image.as_bytes())
-        .map_err(|e| (1201, format!("image is not valid base64: {e}")))
-}
-
-/// The input spec, then the masks. Returns the `images` array.
-fn validate_and_segment(inner: &Inner, bytes: &[u8]) -> Result<Vec<serde_json::Value>, String> {
-    if bytes.len() > MAX_IMAGE_BYTES {
-        return Err(format!("image is {} bytes, over 10 MB", bytes.len()));
-    }
-    let format =
-        image::guess_format(bytes).map_err(|_| "image format not recognized".to_owned())?;
-    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
-        return Err(format!(
-            "image format {format:?} not supported: use jpg, jpeg or png"
-        ));
-    }
-    let img = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| format!("image cannot be decoded: {e}"))?;
-    let (w, h) = (img.width(), img.height());
-    if w < 300 || h < 300 {
-        return Err(format!(
-            "image is {w}x{h}: width and height must each be at least 300 px"
-        ));
-    }
-    let ratio = f64::from(w) / f64::from(h);
-    if !(1.0 / 2.5..=2.5).contains(&ratio) {
-        return Err(format!(
-            "image aspect ratio {ratio:.3} is outside 1:2.5..2.5:1"
-        ));
-    }
-    let sha: [u8; 32] = Sha256::digest(bytes).into();
-    let masks = masks::segment(&img.to_rgba8(), &sha);
-    let id = hex::encode(&sha[..8]) + &format!("{:x}", inner.counter.load(Ordering::SeqCst));
-    let serial = inner.counter.load(Ordering::SeqCst) + 1;
-    let expires = now() + inner.cfg.result_ttl.as_secs();
-    let mut results = inner.results.lock().unwrap_or_else(|p| p.into_inner());
-    let mut out = Vec::new();
-    for (kind, png) in masks::TYPES.iter().zip(masks) {
-        match png {
-            Some(png) => {
-                let path = format!("/cdn/{id}/{kind}.png");
-                let sig = inner.sign(&path, expires);
-                results.insert(format!("{id}/{kind}.png"), Bytes::from(png));
-                out.push(serde_json::json!({
-                    "type": kind, "is_contain": true,
-                    "url": format!("{}{path}?expires={expires}&serial={serial}&sig={sig}", inner.base_url),
-                }));
-            }
-            None => out.push(serde_json::json!({ "type": kind, "is_contain": false, "url": "" })),
-        }
-    }
-    Ok(out)
-}
+// ---------------------------------------------------------------------------
+// CDN and admin
 
 #[derive(Deserialize)]
 struct CdnQuery {
-    expires: Option<u64>,
-    serial: Option<u64>,
-    sig: Option<String>,
+    expires: u64,
+    sig: String,
 }
 
-async fn cdn(
-    State(inner): State<Arc<Inner>>,
+async fn cdn_get(
+    State(sim): State<Arc<Shared>>,
     Path((id, file)): Path<(String, String)>,
-    Query(q): Query<CdnQuery>,
+    query: Result<Query<CdnQuery>, QueryRejection>,
 ) -> Response {
-    let path = format!("/cdn/{id}/{file}");
-    let (Some(expires), Some(sig)) = (q.expires, q.sig) else {
-        return (StatusCode::FORBIDDEN, "missing signature").into_response();
+    let Ok(Query(q)) = query else {
+        return (StatusCode::FORBIDDEN, "missing or malformed signature").into_response();
     };
-    if inner.sign(&path, expires) != sig {
-        return (StatusCode::FORBIDDEN, "bad signature").into_response();
+    match sim.results.get(
+        &id,
+        &file,
+        q.expires,
+        &q.sig,
+        now_secs(),
+        sim.faults.generation(),
+    ) {
+        Lookup::Found(png) => {
+            sim.stats().cdn_downloads += 1;
+            ([(CONTENT_TYPE, "image/png")], png).into_response()
+        }
+        Lookup::BadSignature => (StatusCode::FORBIDDEN, "signature does not match").into_response(),
+        Lookup::Expired => {
+            sim.stats().cdn_expired += 1;
+            (StatusCode::FORBIDDEN, "URL expired").into_response()
+        }
+        Lookup::NotFound => (StatusCode::NOT_FOUND, "no such object").into_response(),
     }
-    if now() > expires || q.serial.unwrap_or(0) <= inner.expired_through.load(Ordering::SeqCst) {
-        inner.stats().cdn_expired += 1;
-        return (
-            StatusCode::FORBIDDEN,
-            "<Error><Code>AccessDenied</Code><Message>expired</Message></Error>",
+}
+
+async fn admin_stats(State(sim): State<Arc<Shared>>) -> Json<SimStats> {
+    Json(sim.stats().clone())
+}
+
+async fn admin_faults(State(sim): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<FaultsUpdate>(&body) {
+        Ok(update) => {
+            tracing::info!(?update, "simulator faults updated");
+            if let Some(ms) = update.latency_ms {
+                sim.set_latency(Duration::from_millis(ms));
+            }
+            sim.faults.apply(update);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            format!("invalid faults update: {e}"),
         )
-            .into_response();
-    }
-    let body = inner
-        .results
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&format!("{id}/{file}"))
-        .cloned();
-    match body {
-        Some(b) => {
-            inner.stats().cdn_downloads += 1;
-            ([(header::CONTENT_TYPE, "image/png")], b).into_response()
-        }
-        None => (StatusCode::NOT_FOUND, "not found").into_response(),
+            .into_response(),
     }
 }
-
-async fn admin_stats(State(inner): State<Arc<Inner>>) -> Json<SimStats> {
-    Json(inner.stats().clone())
-}
-
-/// Any subset of these fields.
-#[derive(Debug, Default, Deserialize, Serialize)]
-pub struct FaultsRequest {
-    #[serde(default)]
-    pub push: Vec<Fault>,
-    #[serde(default)]
-    pub random: Option<RandomFaults>,
-    /// `{"account_error": 1101}` sets, `{"account_error": null}` clears.
-    #[serde(default, with = "double_option")]
-    pub account_error: Option<Option<u32>>,
-    #[serde(default, with = "double_option")]
-    pub max_concurrency: Option<Option<usize>>,
-    #[serde(default)]
-    pub latency_ms: Option<u64>,
-    #[serde(default)]
-    pub expire_all: bool,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-pub struct RandomFaults {
-    pub rate: f64,
-    pub pool: Vec<Fault>,
-}
-
-mod double_option {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    pub fn serialize<T: Serialize, S: Serializer>(
-        v: &Option<Option<T>>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(inner) => inner.serialize(s),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Option<T>>, D::Error> {
-        Ok(Some(Option::deserialize(d)?))
-    }
-}
-
-async fn admin_faults(
-    State(inner): State<Arc<Inner>>,
-    Json(req): Json<FaultsRequest>,
-) -> StatusCode {
-    let handle = SimHandle {
-        inner: inner.clone(),
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-    };
-    for f in req.push {
-        inner.faults.push(f);
-    }
-    if let Some(r) = req.random {
-        inner.faults.set_random(r.rate, r.pool);
-    }
-    if let Some(a) = req.account_error {
-        inner.faults.set_account_error(a);
-    }
-    if let Some(m) = req.max_concurrency {
-        inner.faults.set_max_concurrency(m);
-    }
-    if let Some(l) = req.latency_ms {
-        handle.set_latency(Duration::from_millis(l));
-    }
-    if req.expire_all {
-        handle.expire_all_results();
-    }
-    StatusCode::NO_CONTENT
-}
-
-#[cfg(test)]
-mod tests;

@@ -294,6 +294,23 @@ impl TestEnv {
         q.message_count()
     }
 
+    /// Poll until `queue` holds `n` ready messages (the broker returns
+    /// unacked messages asynchronously after a connection closes).
+    pub async fn wait_ready(&self, queue: &str, n: u32, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let got = self.ready(queue).await;
+            if got == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue}: {got} ready, expected {n} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Drain the dead-letter queue: (reason code, reason, job id, body).
     pub async fn drain_dead_letters(&self) -> Vec<DeadLetter> {
         let ch = self.conn.create_channel().await.expect("channel");

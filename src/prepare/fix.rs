@@ -1,0 +1,353 @@
+//! Executing a fix: decode an out-of-spec image, normalise it to 8-bit
+//! RGB(A), carry out the geometric [`Plan`], and encode (re-compressing and
+//! downscaling) until the result fits the spec. Part of `prepare`; knows
+//! nothing about RabbitMQ, S3 or HTTP.
+
+use std::borrow::Cow;
+use std::io::Cursor;
+
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+use image::imageops::{self, FilterType};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageBuffer, ImageReader, Rgb, RgbImage, Rgba, RgbaImage};
+
+use super::probe::{from_image_error, guard_panic};
+use super::{
+    Limits, OutputFormat, Plan, PrepareError, Prepared, Probe, Spec, Transform, Violation, check,
+    estimate_decode_pixels, plan, probe,
+};
+
+/// Resampling filter for every resize, up or down.
+const RESAMPLE: FilterType = FilterType::Lanczos3;
+/// JPEG qualities tried in turn at full size; the last is the floor and the
+/// only one tried after downscaling.
+const JPEG_EFFORTS: [Effort; 4] = [
+    Effort::Jpeg(90),
+    Effort::Jpeg(80),
+    Effort::Jpeg(70),
+    Effort::Jpeg(60),
+];
+/// PNG compression levels tried in turn at full size, likewise.
+const PNG_EFFORTS: [Effort; 2] = [
+    Effort::Png(CompressionType::Default),
+    Effort::Png(CompressionType::Best),
+];
+/// Largest scale factor of one downscale step when the floor effort is
+/// still too big; a bigger overshoot jumps further (by the square root of
+/// the size ratio, with 5% headroom).
+const DOWNSCALE_STEP: f64 = 0.8;
+/// Decoder allocations beyond the pixel buffers (metadata, row buffers).
+const DECODE_SLACK: u64 = 64 * 1024 * 1024;
+/// Bytes per pixel allowed to a decoder: a 16-bit RGBA output buffer plus as
+/// much again for intermediate buffers (the TIFF decoder needs both).
+const DECODE_BYTES_PER_PIXEL: u64 = 16;
+
+/// Padding may at most double the pixel count of the source (or of the
+/// smallest in-spec canvas, for tiny sources); beyond that the content is
+/// scaled down, so an absurd strip (30000x2) does not become a 100-megapixel
+/// canvas of white. Panoramas up to 5:1 keep their full resolution.
+const MAX_PAD_GROWTH: u64 = 2;
+
+/// Opaque padding colour (JPEG output).
+const WHITE: [u8; 4] = [255, 255, 255, 255];
+/// Padding colour for images with transparency (PNG output).
+const TRANSPARENT: [u8; 4] = [0, 0, 0, 0];
+
+/// Decode, transform and encode `data`, which `violations` says is out of spec.
+pub(super) fn fix(
+    data: &[u8],
+    source: Probe,
+    violations: Vec<Violation>,
+    spec: &Spec,
+    limits: &Limits,
+) -> Result<Prepared, PrepareError> {
+    let pixels = normalise(decode(data, &source, limits)?, source.orientation);
+    let planned = plan(source.width, source.height, source.orientation, spec);
+    let mut plan = fit_pixel_budget(planned, spec, output_pixel_budget(&source, spec, limits))?;
+    if pixels.dims() != plan.oriented {
+        return Err(PrepareError::Undecodable {
+            reason: "the decoded size differs from the header".to_owned(),
+        });
+    }
+    let (bytes, effort) = encode_to_fit(&pixels, &mut plan, spec)?;
+
+    // Cheap (header only) proof that the promise holds; a failure is a bug.
+    let out = probe(&bytes)?;
+    let left = check(&out, spec);
+    if !left.is_empty() || [out.width, out.height] != plan.canvas {
+        return Err(PrepareError::Encode {
+            reason: format!("the prepared image is still out of spec: {left:?}"),
+        });
+    }
+    Ok(Prepared {
+        bytes: bytes.into(),
+        format: effort.format(),
+        width: out.width,
+        height: out.height,
+        source,
+        violations,
+        transforms: plan.record(pixels.pad_color(), effort.transform()),
+    })
+}
+
+/// Encode with falling effort, then at falling scale, until the output fits
+/// `spec.max_bytes`; `plan` is left at the scale that fitted.
+fn encode_to_fit(
+    pixels: &Pixels,
+    plan: &mut Plan,
+    spec: &Spec,
+) -> Result<(Vec<u8>, Effort), PrepareError> {
+    let mut efforts = pixels.efforts();
+    loop {
+        let canvas = pixels.render(plan);
+        let mut smallest = u64::MAX;
+        for &effort in efforts {
+            let bytes = canvas.encode(effort)?;
+            let len = bytes.len() as u64;
+            let [width, height] = plan.canvas;
+            tracing::debug!(width, height, ?effort, bytes = len, "encoded");
+            if len <= spec.max_bytes {
+                return Ok((bytes, effort));
+            }
+            smallest = smallest.min(len);
+        }
+        // Even the floor effort is too big: downscale, keeping only the floor.
+        efforts = efforts
+            .split_last()
+            .map_or(efforts, |(floor, _)| std::slice::from_ref(floor));
+        let ratio = spec.max_bytes as f64 / smallest as f64;
+        let next = plan.with_scale(plan.scale * (ratio.sqrt() * 0.95).min(DOWNSCALE_STEP), spec);
+        if next.pixels() >= plan.pixels() {
+            return Err(PrepareError::CannotFit {
+                width: plan.canvas[0],
+                height: plan.canvas[1],
+                bytes: smallest,
+                max_bytes: spec.max_bytes,
+            });
+        }
+        *plan = next;
+    }
+}
+
+/// Most pixels the output canvas may have; see [`MAX_PAD_GROWTH`].
+fn output_pixel_budget(source: &Probe, spec: &Spec, limits: &Limits) -> u64 {
+    let smallest_canvas = f64::from(spec.min_side).powi(2) * spec.max_aspect.max(1.0);
+    estimate_decode_pixels(source)
+        .max(smallest_canvas as u64)
+        .saturating_mul(MAX_PAD_GROWTH)
+        .min(limits.max_pixels)
+}
+
+/// Shrink the plan until the output canvas fits the pixel budget.
+fn fit_pixel_budget(mut plan: Plan, spec: &Spec, max_pixels: u64) -> Result<Plan, PrepareError> {
+    while plan.pixels() > max_pixels {
+        let factor = (max_pixels as f64 / plan.pixels() as f64).sqrt() * 0.99;
+        let next = plan.with_scale(plan.scale * factor, spec);
+        if next.pixels() >= plan.pixels() {
+            return Err(PrepareError::TooManyPixels {
+                width: plan.canvas[0],
+                height: plan.canvas[1],
+                max_pixels,
+            });
+        }
+        plan = next;
+    }
+    Ok(plan)
+}
+
+/// Full decode (first frame of an animation) with `image`'s own limits as a
+/// second line of defence behind the header checks.
+fn decode(data: &[u8], source: &Probe, limits: &Limits) -> Result<DynamicImage, PrepareError> {
+    let format = source
+        .format
+        .image_format()
+        .ok_or_else(|| PrepareError::UnsupportedFormat {
+            format: format!("{:?}", source.format),
+        })?;
+    let mut budget = image::Limits::default();
+    budget.max_image_width = Some(limits.max_side);
+    budget.max_image_height = Some(limits.max_side);
+    budget.max_alloc = Some(
+        estimate_decode_pixels(source)
+            .saturating_mul(DECODE_BYTES_PER_PIXEL)
+            .saturating_add(DECODE_SLACK),
+    );
+    guard_panic(|| {
+        let mut reader = ImageReader::with_format(Cursor::new(data), format);
+        reader.limits(budget);
+        reader.decode().map_err(from_image_error)
+    })
+}
+
+/// Decoded pixels, 8 bits per channel. `Rgba` only when some pixel is not
+/// fully opaque; such images are padded transparent and encoded as PNG,
+/// the rest padded white and encoded as JPEG.
+enum Pixels {
+    Rgb(RgbImage),
+    Rgba(RgbaImage),
+}
+
+/// Convert any colour type (16-bit, grey, CMYK already converted by the
+/// decoder, float) to 8-bit RGB(A) and apply the EXIF orientation.
+fn normalise(image: DynamicImage, orientation: u8) -> Pixels {
+    let mut image = if image.color().has_alpha() {
+        let rgba = image.into_rgba8();
+        if rgba.pixels().any(|p| p[3] != u8::MAX) {
+            DynamicImage::ImageRgba8(rgba)
+        } else {
+            DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).into_rgb8())
+        }
+    } else {
+        DynamicImage::ImageRgb8(image.into_rgb8())
+    };
+    if let Some(o) = Orientation::from_exif(orientation) {
+        image.apply_orientation(o);
+    }
+    match image {
+        DynamicImage::ImageRgba8(rgba) => Pixels::Rgba(rgba),
+        other => Pixels::Rgb(other.into_rgb8()),
+    }
+}
+
+impl Pixels {
+    fn dims(&self) -> [u32; 2] {
+        match self {
+            Pixels::Rgb(i) => [i.width(), i.height()],
+            Pixels::Rgba(i) => [i.width(), i.height()],
+        }
+    }
+
+    fn efforts(&self) -> &'static [Effort] {
+        match self {
+            Pixels::Rgb(_) => &JPEG_EFFORTS,
+            Pixels::Rgba(_) => &PNG_EFFORTS,
+        }
+    }
+
+    fn pad_color(&self) -> [u8; 4] {
+        match self {
+            Pixels::Rgb(_) => WHITE,
+            Pixels::Rgba(_) => TRANSPARENT,
+        }
+    }
+
+    /// Resize the content and pad it onto the canvas, as planned. Borrows
+    /// when the plan changes nothing (orientation or format only).
+    fn render(&self, plan: &Plan) -> Canvas<'_> {
+        let [w, h] = plan.content;
+        match self {
+            Pixels::Rgb(img) => {
+                let content = if plan.resizes() {
+                    Cow::Owned(imageops::resize(img, w, h, RESAMPLE))
+                } else {
+                    Cow::Borrowed(img)
+                };
+                let [r, g, b, _] = WHITE;
+                Canvas::Rgb(pad(content, plan, Rgb([r, g, b])))
+            }
+            Pixels::Rgba(img) => {
+                let content = if plan.resizes() {
+                    Cow::Owned(resize_premultiplied(img, w, h))
+                } else {
+                    Cow::Borrowed(img)
+                };
+                Canvas::Rgba(pad(content, plan, Rgba(TRANSPARENT)))
+            }
+        }
+    }
+}
+
+/// Place the (resized) content on a canvas of `color`, at the planned margins.
+fn pad<'a, P: image::Pixel>(
+    content: Cow<'a, ImageBuffer<P, Vec<P::Subpixel>>>,
+    plan: &Plan,
+    color: P,
+) -> Cow<'a, ImageBuffer<P, Vec<P::Subpixel>>> {
+    if plan.canvas == plan.content {
+        return content;
+    }
+    let mut canvas = ImageBuffer::from_pixel(plan.canvas[0], plan.canvas[1], color);
+    let (left, top) = (plan.margins.left.into(), plan.margins.top.into());
+    imageops::replace(&mut canvas, content.as_ref(), left, top);
+    Cow::Owned(canvas)
+}
+
+/// Resample RGBA with premultiplied alpha (in 16 bits, so faint pixels keep
+/// their colour): straight-alpha resampling would bleed the colour of
+/// invisible pixels into the visible edge.
+fn resize_premultiplied(img: &RgbaImage, width: u32, height: u32) -> RgbaImage {
+    let mut wide = DynamicImage::ImageRgba8(img.clone()).into_rgba16();
+    for p in wide.pixels_mut() {
+        let a = u32::from(p[3]);
+        for c in &mut p.0[..3] {
+            *c = ((u32::from(*c) * a + 32_767) / 65_535) as u16;
+        }
+    }
+    let mut resized = imageops::resize(&wide, width, height, RESAMPLE);
+    for p in resized.pixels_mut() {
+        let a = u32::from(p[3]);
+        for c in &mut p.0[..3] {
+            // Fully transparent pixels have no colour; ringing may push a
+            // premultiplied channel above alpha, hence the clamp.
+            *c = (u32::from(*c) * 65_535 + a / 2)
+                .checked_div(a)
+                .map_or(0, |v| v.min(65_535) as u16);
+        }
+    }
+    DynamicImage::ImageRgba16(resized).into_rgba8()
+}
+
+enum Canvas<'a> {
+    Rgb(Cow<'a, RgbImage>),
+    Rgba(Cow<'a, RgbaImage>),
+}
+
+impl Canvas<'_> {
+    fn encode(&self, effort: Effort) -> Result<Vec<u8>, PrepareError> {
+        let mut out = Vec::new();
+        let result = match (self, effort) {
+            (Canvas::Rgb(img), Effort::Jpeg(q)) => {
+                img.write_with_encoder(JpegEncoder::new_with_quality(&mut out, q))
+            }
+            (Canvas::Rgba(img), Effort::Png(level)) => img.write_with_encoder(
+                PngEncoder::new_with_quality(&mut out, level, PngFilter::Adaptive),
+            ),
+            _ => {
+                return Err(PrepareError::Encode {
+                    reason: format!("{effort:?} does not fit this colour type"),
+                });
+            }
+        };
+        result.map_err(|e| PrepareError::Encode {
+            reason: e.to_string(),
+        })?;
+        Ok(out)
+    }
+}
+
+/// One encoder setting.
+#[derive(Debug, Clone, Copy)]
+enum Effort {
+    Jpeg(u8),
+    Png(CompressionType),
+}
+
+impl Effort {
+    fn format(self) -> OutputFormat {
+        match self {
+            Effort::Jpeg(_) => OutputFormat::Jpeg,
+            Effort::Png(_) => OutputFormat::Png,
+        }
+    }
+
+    fn transform(self) -> Transform {
+        Transform::Encode {
+            format: self.format(),
+            quality: match self {
+                Effort::Jpeg(q) => Some(q),
+                Effort::Png(_) => None,
+            },
+        }
+    }
+}

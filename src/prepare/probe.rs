@@ -1,0 +1,324 @@
+//! Header-only probing (format, dimensions, size, EXIF orientation) and the
+//! cheap end-of-file completeness check. Part of `prepare`: no pixel is
+//! decoded here, and nothing here knows about RabbitMQ, S3 or HTTP.
+
+use std::io::Cursor;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use image::{ImageDecoder, ImageError, ImageFormat, ImageReader};
+
+use super::PrepareError;
+
+/// Metadata allowed to the header parsers (ICC profiles, EXIF, text chunks).
+const PROBE_METADATA_ALLOC: u64 = 64 * 1024 * 1024;
+
+/// The container format of a source image, from its magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Jpeg,
+    Png,
+    Webp,
+    Gif,
+    Bmp,
+    Tiff,
+    /// Recognised but not decodable by this build; never produced by a
+    /// successful [`probe`], kept so recorded manifests stay readable.
+    Other,
+}
+
+impl SourceFormat {
+    fn from_image(format: ImageFormat) -> Self {
+        match format {
+            ImageFormat::Jpeg => SourceFormat::Jpeg,
+            ImageFormat::Png => SourceFormat::Png,
+            ImageFormat::WebP => SourceFormat::Webp,
+            ImageFormat::Gif => SourceFormat::Gif,
+            ImageFormat::Bmp => SourceFormat::Bmp,
+            ImageFormat::Tiff => SourceFormat::Tiff,
+            _ => SourceFormat::Other,
+        }
+    }
+
+    pub(super) fn image_format(self) -> Option<ImageFormat> {
+        match self {
+            SourceFormat::Jpeg => Some(ImageFormat::Jpeg),
+            SourceFormat::Png => Some(ImageFormat::Png),
+            SourceFormat::Webp => Some(ImageFormat::WebP),
+            SourceFormat::Gif => Some(ImageFormat::Gif),
+            SourceFormat::Bmp => Some(ImageFormat::Bmp),
+            SourceFormat::Tiff => Some(ImageFormat::Tiff),
+            SourceFormat::Other => None,
+        }
+    }
+}
+
+/// What the header says about an image. `width` and `height` are the
+/// stored (un-rotated) dimensions; `orientation` is the EXIF value, 1..=8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Probe {
+    pub format: SourceFormat,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+    pub orientation: u8,
+}
+
+/// Read format, dimensions and EXIF orientation from the header only.
+///
+/// Cost does not grow with the file: the format comes from the magic bytes
+/// and the decoder reads headers only. The JPEG decoder of `image` copies
+/// whatever it is given, so it is handed just the marker segments up to the
+/// first scan. Image dimensions are not judged here (see `Limits`).
+pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
+    if data.is_empty() {
+        return Err(PrepareError::Empty);
+    }
+    let image_format = image::guess_format(data).map_err(|_| PrepareError::UnknownFormat)?;
+    let format = SourceFormat::from_image(image_format);
+    if format == SourceFormat::Other {
+        return Err(PrepareError::UnsupportedFormat {
+            format: format!("{image_format:?}"),
+        });
+    }
+    let header = match format {
+        SourceFormat::Jpeg => jpeg_header_len(data).map_or(data, |end| &data[..end]),
+        _ => data,
+    };
+
+    let (width, height, orientation) = guard_panic(|| {
+        let mut reader = ImageReader::with_format(Cursor::new(header), image_format);
+        let mut limits = image::Limits::no_limits();
+        limits.max_alloc = Some(PROBE_METADATA_ALLOC);
+        reader.limits(limits);
+        let mut decoder = reader.into_decoder().map_err(from_image_error)?;
+        let (width, height) = decoder.dimensions();
+        // A damaged EXIF block must not sink an otherwise good image.
+        let orientation = decoder.orientation().map_or(1, |o| o.to_exif());
+        Ok((width, height, orientation))
+    })?;
+    if width == 0 || height == 0 {
+        return Err(PrepareError::Undecodable {
+            reason: format!("the header declares {width}x{height} pixels"),
+        });
+    }
+    Ok(Probe {
+        format,
+        width,
+        height,
+        bytes: data.len() as u64,
+        orientation,
+    })
+}
+
+/// Reject JPEG and PNG files whose end marker is missing.
+///
+/// Passthrough never decodes, and the JPEG decoder fills a truncated scan
+/// with grey instead of failing, so truncation is detected structurally: a
+/// JPEG must contain an EOI marker after its first scan header, a PNG an
+/// `IEND` chunk. Trailing bytes after the marker are tolerated. The search
+/// runs from the end, so a complete file costs a few bytes.
+pub(super) fn verify_complete(format: SourceFormat, data: &[u8]) -> Result<(), PrepareError> {
+    let (body, marker, what): (&[u8], &[u8], &str) = match format {
+        SourceFormat::Jpeg => match jpeg_header_len(data) {
+            Some(end) => (&data[end..], &[0xFF, 0xD9], "no JPEG end-of-image marker"),
+            None => return Err(truncated("the JPEG headers end before the first scan")),
+        },
+        SourceFormat::Png => (
+            data.get(8..).unwrap_or_default(),
+            b"IEND",
+            "no PNG IEND chunk",
+        ),
+        _ => return Ok(()),
+    };
+    if body.windows(marker.len()).rev().any(|w| w == marker) {
+        Ok(())
+    } else {
+        Err(truncated(what))
+    }
+}
+
+fn truncated(reason: &str) -> PrepareError {
+    PrepareError::Truncated {
+        reason: reason.to_owned(),
+    }
+}
+
+/// Length of a JPEG's header: every marker segment up to and including the
+/// first start-of-scan (SOS) segment, or `None` if no scan starts. Stray
+/// bytes between segments are skipped, as libjpeg does.
+fn jpeg_header_len(data: &[u8]) -> Option<usize> {
+    if data.get(..2)? != [0xFF, 0xD8] {
+        return None;
+    }
+    let mut at = 2;
+    loop {
+        at += data.get(at..)?.iter().position(|&b| b == 0xFF)?;
+        while *data.get(at + 1)? == 0xFF {
+            at += 1; // fill bytes
+        }
+        let marker = *data.get(at + 1)?;
+        at += 2;
+        match marker {
+            0x00 | 0x01 | 0xD0..=0xD8 => continue, // not a marker, or no payload
+            0xD9 => return None,                   // EOI before any scan
+            _ => {
+                let len = usize::from(u16::from_be_bytes([*data.get(at)?, *data.get(at + 1)?]));
+                if len < 2 {
+                    return None;
+                }
+                let end = at + len;
+                if marker == 0xDA {
+                    return (end <= data.len()).then_some(end);
+                }
+                at = end;
+            }
+        }
+    }
+}
+
+/// Map an `image` error to ours, keeping the decoder's own words.
+pub(super) fn from_image_error(err: ImageError) -> PrepareError {
+    match err {
+        ImageError::Limits(e) => PrepareError::ResourceLimit {
+            reason: e.to_string(),
+        },
+        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            PrepareError::Truncated {
+                reason: e.to_string(),
+            }
+        }
+        ImageError::Unsupported(e) => PrepareError::Undecodable {
+            reason: format!("unsupported feature: {e}"),
+        },
+        other => PrepareError::Undecodable {
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Run third-party parsing code so that a panic on hostile input becomes
+/// an error for this job instead of taking the worker thread down.
+pub(super) fn guard_panic<T>(
+    f: impl FnOnce() -> Result<T, PrepareError>,
+) -> Result<T, PrepareError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(PrepareError::Undecodable {
+            reason: "the decoder panicked on this input".to_owned(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prepare::testkit::*;
+
+    #[test]
+    fn probe_reads_format_dims_size_and_orientation() {
+        let jpeg = encode(&gradient(320, 410), ImageFormat::Jpeg);
+        let p = probe(&jpeg).unwrap();
+        assert_eq!(
+            (p.format, p.width, p.height, p.orientation),
+            (SourceFormat::Jpeg, 320, 410, 1)
+        );
+        assert_eq!(p.bytes, jpeg.len() as u64);
+
+        let rotated = with_exif_orientation(&jpeg, 6);
+        assert_eq!(probe(&rotated).unwrap().orientation, 6);
+
+        for (format, expect) in [
+            (ImageFormat::Png, SourceFormat::Png),
+            (ImageFormat::WebP, SourceFormat::Webp),
+            (ImageFormat::Gif, SourceFormat::Gif),
+            (ImageFormat::Bmp, SourceFormat::Bmp),
+            (ImageFormat::Tiff, SourceFormat::Tiff),
+        ] {
+            let p = probe(&encode(&gradient(31, 17), format)).unwrap();
+            assert_eq!(
+                (p.format, p.width, p.height),
+                (expect, 31, 17),
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn probe_reads_only_the_header() {
+        // A 20 MB buffer whose every byte after the header is garbage:
+        // dims still come back, so nothing past the header was decoded.
+        let jpeg = encode(&gradient(640, 480), ImageFormat::Jpeg);
+        let end = jpeg_header_len(&jpeg).unwrap();
+        let mut big = jpeg[..end].to_vec();
+        big.resize(20 << 20, 0xA5);
+        let p = probe(&big).unwrap();
+        assert_eq!((p.width, p.height, p.bytes), (640, 480, 20 << 20));
+
+        let png = encode(&gradient(640, 480), ImageFormat::Png);
+        let mut big = png[..png_idat_offset(&png) + 8].to_vec();
+        big.resize(20 << 20, 0x5A);
+        assert_eq!(probe(&big).unwrap().width, 640);
+    }
+
+    #[test]
+    fn probe_errors_are_specific() {
+        assert!(matches!(probe(&[]), Err(PrepareError::Empty)));
+        assert!(matches!(
+            probe(&noise_bytes(4096, 7)),
+            Err(PrepareError::UnknownFormat)
+        ));
+        // ICO is recognised by magic but not built in.
+        let ico = [0u8, 0, 1, 0, 1, 0, 16, 16, 0, 0, 1, 0, 32, 0, 0, 0];
+        assert!(matches!(
+            probe(&ico),
+            Err(PrepareError::UnsupportedFormat { .. })
+        ));
+        let png = encode(&gradient(64, 64), ImageFormat::Png);
+        assert!(matches!(
+            probe(&png[..20]),
+            Err(PrepareError::Truncated { .. } | PrepareError::Undecodable { .. })
+        ));
+        let mut bad = png.clone();
+        bad[16..24].fill(0); // zero width/height with a now-wrong CRC
+        assert!(matches!(probe(&bad), Err(PrepareError::Undecodable { .. })));
+    }
+
+    #[test]
+    fn probe_reports_bomb_dimensions_without_allocating() {
+        let p = probe(&png_header_only(100_000, 100_000)).unwrap();
+        assert_eq!((p.width, p.height), (100_000, 100_000));
+    }
+
+    #[test]
+    fn jpeg_header_scan_skips_stray_bytes() {
+        let jpeg = encode(&gradient(64, 64), ImageFormat::Jpeg);
+        let end = jpeg_header_len(&jpeg).unwrap();
+        let mut junk = jpeg[..2].to_vec();
+        junk.extend_from_slice(&[0x00, 0x13, 0x37]);
+        junk.extend_from_slice(&jpeg[2..]);
+        assert_eq!(jpeg_header_len(&junk), Some(end + 3));
+        assert_eq!(jpeg_header_len(&jpeg[..end - 1]), None);
+    }
+
+    #[test]
+    fn completeness_needs_the_end_marker() {
+        let jpeg = encode(&gradient(320, 320), ImageFormat::Jpeg);
+        verify_complete(SourceFormat::Jpeg, &jpeg).unwrap();
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"camera trailer");
+        verify_complete(SourceFormat::Jpeg, &trailing).unwrap();
+        let half = &jpeg[..jpeg.len() / 2];
+        assert!(matches!(
+            verify_complete(SourceFormat::Jpeg, half),
+            Err(PrepareError::Truncated { .. })
+        ));
+
+        let png = encode(&gradient(320, 320), ImageFormat::Png);
+        verify_complete(SourceFormat::Png, &png).unwrap();
+        let cut = &png[..png.len() - 6];
+        assert!(matches!(
+            verify_complete(SourceFormat::Png, cut),
+            Err(PrepareError::Truncated { .. })
+        ));
+    }
+}
