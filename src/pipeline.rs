@@ -246,17 +246,9 @@ impl Pipeline {
         } else {
             None
         };
-        let _cpu = self
-            .cpu
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(PipelineError::internal)?;
         let spec = self.spec;
         let limits = self.limits.clone();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _g = span.enter();
+        self.cpu_task(move || {
             let source_sha = Sha256::of(&source);
             let source_bytes = source.len() as u64;
             let prepared = prepare::prepare(source, &spec, &limits)?;
@@ -272,8 +264,25 @@ impl Pipeline {
                 prepared_sha,
             })
         })
-        .await
-        .map_err(PipelineError::internal)?
+        .await?
+    }
+
+    /// Run CPU-bound work on the blocking pool, at most one task per core,
+    /// inside the current job's span.
+    async fn cpu_task<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PipelineError> {
+        let _cpu = self
+            .cpu
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(PipelineError::internal)?;
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(f))
+            .await
+            .map_err(PipelineError::internal)
     }
 
     /// Archive the source and the prepared image (one object when passed through).
@@ -359,20 +368,12 @@ impl Pipeline {
         p: &PreparedJob,
     ) -> Result<RecognitionRecord, PipelineError> {
         let bytes = p.prepared.bytes.clone();
-        let b64 = {
-            let _cpu = self
-                .cpu
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(PipelineError::internal)?;
-            tokio::task::spawn_blocking(move || {
+        let b64 = self
+            .cpu_task(move || {
                 use base64::Engine as _;
                 base64::engine::general_purpose::STANDARD.encode(&bytes)
             })
-            .await
-            .map_err(PipelineError::internal)?
-        };
+            .await?;
         let recognition: Recognition = self.kling.recognize(&b64).await?;
         drop(b64);
         let record = RecognitionRecord {
@@ -474,9 +475,7 @@ impl Pipeline {
         }
         let png = self.downloader.download(url).await?;
         let bytes = png.bytes.clone();
-        let sha = tokio::task::spawn_blocking(move || Sha256::of(&bytes))
-            .await
-            .map_err(PipelineError::internal)?;
+        let sha = self.cpu_task(move || Sha256::of(&bytes)).await?;
         let mut metadata = base_metadata(job, &rec.request_id);
         metadata.insert("segment-type".into(), seg.kind.to_string());
         metadata.insert("source-sha256".into(), p.source_sha.hex());

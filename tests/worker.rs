@@ -249,26 +249,15 @@ async fn bad_messages_and_images_are_dead_lettered_with_a_reason() {
             .find(|d| d.job_id.as_deref() == id)
             .unwrap_or_else(|| panic!("{id:?} in {dead:?}"))
     };
-    assert_eq!(
-        by_id(Some("both")).code.as_deref(),
-        Some("job_ambiguous_source")
-    );
-    assert_eq!(
-        by_id(Some("corrupt")).code.as_deref(),
-        Some("image_undecodable")
-    );
-    assert_eq!(
-        by_id(Some("not-an-image")).code.as_deref(),
-        Some("image_format_unknown")
-    );
-    assert_eq!(
-        by_id(Some("ssrf")).code.as_deref(),
-        Some("source_forbidden_address")
-    );
-    assert_eq!(
-        by_id(Some("metadata-svc")).code.as_deref(),
-        Some("source_forbidden_address")
-    );
+    for (id, code) in [
+        ("both", "job_ambiguous_source"),
+        ("corrupt", "image_undecodable"),
+        ("not-an-image", "image_format_unknown"),
+        ("ssrf", "source_forbidden_address"),
+        ("metadata-svc", "source_forbidden_address"),
+    ] {
+        assert_eq!(by_id(Some(id)).code.as_deref(), Some(code), "{id}");
+    }
     assert!(
         by_id(Some("ssrf"))
             .reason

@@ -59,8 +59,7 @@ impl LocalStore {
     ) -> Result<Created, StoreError> {
         let path = self.path(key);
         let meta_path = self.meta_path(key);
-        let mut metadata = meta.metadata.clone();
-        metadata.insert("sha256".into(), meta.sha256.hex());
+        let metadata = meta.stored_metadata();
         let meta_json = serde_json::to_vec(&MetaFile {
             content_type: meta.content_type.to_owned(),
             metadata,

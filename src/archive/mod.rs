@@ -167,6 +167,15 @@ pub struct PutMeta {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl PutMeta {
+    /// The user metadata as stored: the caller's, plus `sha256`.
+    pub fn stored_metadata(&self) -> BTreeMap<String, String> {
+        let mut m = self.metadata.clone();
+        m.insert("sha256".into(), self.sha256.hex());
+        m
+    }
+}
+
 /// What a HEAD returns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ObjectInfo {

@@ -58,8 +58,7 @@ impl S3Store {
         if if_absent && self.head(key).await?.is_some() {
             return Ok(Created::AlreadyExisted);
         }
-        let mut metadata: HashMap<String, String> = meta.metadata.clone().into_iter().collect();
-        metadata.insert("sha256".into(), meta.sha256.hex());
+        let metadata: HashMap<String, String> = meta.stored_metadata().into_iter().collect();
         let mut req = self
             .client
             .put_object()
