@@ -91,7 +91,7 @@ pub struct SimArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// RabbitMQ URL. May carry credentials; it is never logged.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_default_value = false)]
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_env_values = true)]
     pub amqp_url: String,
 
     /// Job queue. Dead letters go to `<queue>.dead`.
