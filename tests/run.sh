@@ -26,6 +26,13 @@ if ! broker_up; then
   exit 1
 fi
 
+# A test that panics skips its async cleanup; sweep queues such runs left
+# (test queues are named t.kling.*; nothing is running yet).
+if command -v rabbitmqctl >/dev/null 2>&1; then
+  rabbitmqctl list_queues -q name 2>/dev/null | awk '$1 ~ /^t\.kling\./ {print $1}' \
+    | while read -r q; do rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
+fi
+
 # Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
 # logins; the tests' own connections then fail fast with a clear message.
 cargo test --all-targets --locked "$@"
