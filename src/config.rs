@@ -191,6 +191,8 @@ pub struct KlingConfig {
     /// First backoff delay; Kling asks for at least 1 s.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Upper bound of the adaptive in-flight limit (`--concurrency`).
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +402,7 @@ impl WorkerArgs {
                 request_timeout: Duration::from_secs(self.kling_request_timeout_secs),
                 min_backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(30),
+                max_in_flight: usize::from(self.concurrency),
             },
             archive,
             s3_force_path_style: self.s3_force_path_style,

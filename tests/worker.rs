@@ -410,3 +410,49 @@ async fn segment_urls_outside_the_allowlist_are_refused() {
     w.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrency_capped_account_is_not_hammered_and_nothing_is_billed_twice() {
+    let env = TestEnv::new(Backend::Local).await;
+    let cap = 4;
+    env.sim.faults().set_max_concurrency(Some(cap));
+    env.sim.set_latency(Duration::from_millis(500));
+    let mut cfg = env.config();
+    cfg.concurrency = 32;
+    cfg.kling.max_in_flight = 32;
+    cfg.kling.max_attempts = 20;
+    let mut w = env.start_worker(cfg, Hooks::default());
+    let jobs = 64;
+    for i in 0..jobs {
+        // Distinct images: no two jobs share a recognition.
+        let img = jpeg(400 + i, 400);
+        env.publish_json(
+            serde_json::json!({"job_id": format!("cap-{i}"), "image_base64": b64(&img)}),
+        )
+        .await;
+    }
+    let events = w.settled(jobs as usize, Duration::from_secs(120)).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, JobEvent::Archived { .. })),
+        "{events:?}"
+    );
+    let stats = env.sim.stats();
+    let over = stats.calls_by_code.get(&1303).copied().unwrap_or(0);
+    let fraction = over as f64 / stats.recognize_calls as f64;
+    eprintln!(
+        "cap {cap}, concurrency 32, {jobs} jobs: {} calls, {over} answered 1303 ({:.1} %), {} billed, peak in flight {}",
+        stats.recognize_calls,
+        fraction * 100.0,
+        stats.billed_calls,
+        stats.peak_in_flight
+    );
+    assert_eq!(
+        stats.billed_calls,
+        u64::from(jobs),
+        "exactly one billed call per job"
+    );
+    w.stop().await;
+    env.cleanup().await;
+}

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::SegmentType;
 use super::auth::TokenCache;
 use super::codes::{KlingError, Reading};
+use super::limiter::{AimdLimiter, Signal};
 use crate::config::KlingConfig;
 use crate::fetch::error_chain;
 
@@ -46,6 +47,7 @@ pub struct KlingClient {
     http: reqwest::Client,
     endpoint: url::Url,
     tokens: TokenCache,
+    limiter: AimdLimiter,
     cfg: KlingConfig,
 }
 
@@ -75,10 +77,12 @@ impl KlingClient {
                 reason: e.to_string(),
             })?;
         let tokens = TokenCache::new(cfg.access_key.clone(), &cfg.secret_key);
+        let limiter = AimdLimiter::new(cfg.max_in_flight);
         Ok(Self {
             http,
             endpoint,
             tokens,
+            limiter,
             cfg,
         })
     }
@@ -129,7 +133,27 @@ impl KlingClient {
         }
     }
 
+    /// The adaptive limit on calls in flight right now.
+    pub fn current_limit(&self) -> usize {
+        self.limiter.limit()
+    }
+
+    /// One call, inside the adaptive in-flight limit.
     async fn call_once(&self, body: Bytes) -> Result<Recognition, KlingError> {
+        let permit = self.limiter.acquire().await;
+        let result = self.send(body).await;
+        permit.finish(match &result {
+            Ok(_) => Signal::Ok,
+            Err(KlingError::Api {
+                code: 1302 | 1303, ..
+            }) => Signal::Overloaded,
+            Err(KlingError::Api { .. }) => Signal::Ok,
+            Err(_) => Signal::Neutral,
+        });
+        result
+    }
+
+    async fn send(&self, body: Bytes) -> Result<Recognition, KlingError> {
         let token = self
             .tokens
             .token()

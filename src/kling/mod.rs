@@ -4,6 +4,7 @@
 //! - [`auth`]: the HS256 JWT, cached and re-minted before expiry.
 //! - [`codes`]: the one table that maps HTTP status + service code to a
 //!   [`crate::error::Disposition`].
+//! - [`limiter`]: the adaptive (AIMD) limit on calls in flight.
 //! - [`client`]: `POST /v1/videos/image-recognize` with retries (backon),
 //!   the single owner of retries for Kling calls.
 //!
@@ -12,6 +13,7 @@
 pub mod auth;
 pub mod client;
 pub mod codes;
+pub mod limiter;
 
 pub use client::{KlingClient, Recognition, SegmentResult};
 pub use codes::KlingError;

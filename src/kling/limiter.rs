@@ -1,0 +1,197 @@
+//! Adaptive limit on in-flight Kling calls (AIMD).
+//!
+//! Kling's limit is account-wide concurrency that no worker can see; over
+//! it, calls answer 1302/1303. Each worker therefore probes for its share:
+//! the limit grows by about one per limit's worth of successes (additive
+//! increase) and halves on a rate-limit answer (multiplicative decrease), at
+//! most once per cool-down so a burst of 1303s from calls already in flight
+//! counts as one signal. It never exceeds `--concurrency` nor falls below 1.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A decrease is taken at most this often.
+pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub struct AimdLimiter {
+    max: usize,
+    state: Mutex<State>,
+    freed: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    limit: f64,
+    in_flight: usize,
+    last_decrease: Option<Instant>,
+}
+
+/// What a call's answer says about the account's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Answered (success or a non-capacity error): capacity was fine.
+    Ok,
+    /// 1302/1303: over the account's limit.
+    Overloaded,
+    /// Transport failure or the like: says nothing about capacity.
+    Neutral,
+}
+
+impl AimdLimiter {
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Self {
+            max,
+            state: Mutex::new(State {
+                limit: max as f64,
+                in_flight: 0,
+                last_decrease: None,
+            }),
+            freed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current limit (whole calls).
+    pub fn limit(&self) -> usize {
+        (self.lock().limit.floor() as usize).max(1)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    /// Wait for room under the current limit.
+    pub async fn acquire(&self) -> Permit<'_> {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut s = self.lock();
+                if s.in_flight < (s.limit.floor() as usize).max(1) {
+                    s.in_flight += 1;
+                    return Permit {
+                        limiter: self,
+                        done: false,
+                    };
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn record(&self, signal: Signal) {
+        let mut s = self.lock();
+        match signal {
+            Signal::Ok => s.limit = (s.limit + 1.0 / s.limit.max(1.0)).min(self.max as f64),
+            Signal::Overloaded => {
+                let now = Instant::now();
+                if s.last_decrease
+                    .is_none_or(|t| now.duration_since(t) >= DECREASE_COOLDOWN)
+                {
+                    s.limit = (s.limit / 2.0).max(1.0);
+                    s.last_decrease = Some(now);
+                }
+            }
+            Signal::Neutral => {}
+        }
+    }
+}
+
+/// A place under the limit; give it back with [`Permit::finish`] (or drop).
+#[derive(Debug)]
+pub struct Permit<'a> {
+    limiter: &'a AimdLimiter,
+    done: bool,
+}
+
+impl Permit<'_> {
+    /// Release the place and report what the call said about capacity.
+    pub fn finish(mut self, signal: Signal) {
+        self.limiter.record(signal);
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.limiter.lock().in_flight -= 1;
+            self.limiter.freed.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn halves_on_overload_once_per_cooldown_and_grows_back_slowly() {
+        let l = AimdLimiter::new(32);
+        assert_eq!(l.limit(), 32);
+        // A burst of 1303s from calls already in flight: one decrease.
+        for _ in 0..5 {
+            l.acquire().await.finish(Signal::Overloaded);
+        }
+        assert_eq!(l.limit(), 16);
+        tokio::time::advance(DECREASE_COOLDOWN).await;
+        l.acquire().await.finish(Signal::Overloaded);
+        assert_eq!(l.limit(), 8);
+        // About one more per limit's worth of successes.
+        for _ in 0..8 {
+            l.acquire().await.finish(Signal::Ok);
+        }
+        assert_eq!(l.limit(), 8, "8.9x is still 8");
+        for _ in 0..2 {
+            l.acquire().await.finish(Signal::Ok);
+        }
+        assert_eq!(l.limit(), 9);
+        for _ in 0..10_000 {
+            l.acquire().await.finish(Signal::Ok);
+        }
+        assert_eq!(l.limit(), 32, "capped at --concurrency");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_below_one() {
+        let l = AimdLimiter::new(4);
+        for _ in 0..10 {
+            l.acquire().await.finish(Signal::Overloaded);
+            tokio::time::advance(DECREASE_COOLDOWN).await;
+        }
+        assert_eq!(l.limit(), 1);
+        l.acquire().await.finish(Signal::Neutral);
+        assert_eq!(l.limit(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_waits_for_room_under_the_limit() {
+        let l = std::sync::Arc::new(AimdLimiter::new(2));
+        let a = l.acquire().await;
+        let b = l.acquire().await;
+        assert_eq!(l.in_flight(), 2);
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move {
+            let p = l2.acquire().await;
+            p.finish(Signal::Ok);
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "third call waits");
+        drop(a);
+        waiter.await.unwrap();
+        b.finish(Signal::Ok);
+        assert_eq!(l.in_flight(), 0);
+    }
+}
