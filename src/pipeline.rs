@@ -35,7 +35,7 @@ use crate::error::{Classify, Disposition};
 use crate::fetch::{FetchError, Fetcher};
 use crate::job::{Job, JobId, labels_metadata_value};
 use crate::kling::{KlingClient, KlingError, Recognition, SegmentResult};
-use crate::prepare::{self, Limits, PrepareError, Prepared, SourceFormat, Spec};
+use crate::prepare::{self, Limits, PrepareError, Prepared, Spec};
 
 /// Segment downloads in flight per job.
 const SEGMENT_PARALLELISM: usize = 4;
@@ -218,17 +218,10 @@ impl Pipeline {
     /// Probe, fix and hash on the blocking pool, within the CPU and pixel budgets.
     async fn prepare(&self, source: Bytes) -> Result<PreparedJob, PipelineError> {
         let probe = prepare::probe(&source)?;
+        prepare::check_limits(&probe, &self.limits)?;
         let needs_decode = !prepare::check(&probe, &self.spec).is_empty();
         let mp = if needs_decode {
             let px = prepare::estimate_decode_pixels(&probe);
-            if px > self.limits.max_pixels {
-                return Err(PrepareError::TooManyPixels {
-                    width: probe.width,
-                    height: probe.height,
-                    max_pixels: self.limits.max_pixels,
-                }
-                .into());
-            }
             u32::try_from(px.div_ceil(1_000_000))
                 .unwrap_or(u32::MAX)
                 .clamp(1, self.pixel_permits)
@@ -292,8 +285,8 @@ impl Pipeline {
         source: Bytes,
         p: &PreparedJob,
     ) -> Result<(String, String), PipelineError> {
-        let src_ext = source_extension(p.prepared.source.format);
-        let source_key = layout::image(&p.source_sha, src_ext);
+        let src_format = p.prepared.source.format;
+        let source_key = layout::image(&p.source_sha, src_format.extension());
         let mut meta = BTreeMap::from([
             ("job-id".to_owned(), job.id.to_string()),
             ("role".to_owned(), "source".to_owned()),
@@ -303,7 +296,7 @@ impl Pipeline {
                 &source_key,
                 source,
                 &PutMeta {
-                    content_type: content_type_for(src_ext),
+                    content_type: src_format.content_type(),
                     sha256: p.source_sha,
                     metadata: meta.clone(),
                 },
@@ -537,30 +530,6 @@ fn ascii(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn source_extension(f: SourceFormat) -> &'static str {
-    match f {
-        SourceFormat::Jpeg => "jpg",
-        SourceFormat::Png => "png",
-        SourceFormat::Webp => "webp",
-        SourceFormat::Gif => "gif",
-        SourceFormat::Bmp => "bmp",
-        SourceFormat::Tiff => "tiff",
-        _ => "bin",
-    }
-}
-
-fn content_type_for(ext: &str) -> &'static str {
-    match ext {
-        "jpg" => "image/jpeg",
-        "png" => "image/png",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        "tiff" => "image/tiff",
-        _ => "application/octet-stream",
-    }
 }
 
 /// Why a job failed, from whichever stage failed it.

@@ -265,8 +265,9 @@ pub fn prepare(data: bytes::Bytes, spec: &Spec, limits: &Limits) -> Result<Prepa
     fix::fix(&data, source, violations, spec, limits)
 }
 
-/// Refuse decompression bombs from the header alone.
-fn check_limits(probe: &Probe, limits: &Limits) -> Result<(), PrepareError> {
+/// Refuse decompression bombs from the header alone. Callers that reserve
+/// a pixel budget run it first, so a bomb never waits for budget.
+pub fn check_limits(probe: &Probe, limits: &Limits) -> Result<(), PrepareError> {
     let (width, height) = (probe.width, probe.height);
     if estimate_decode_pixels(probe) > limits.max_pixels {
         return Err(PrepareError::TooManyPixels {

@@ -40,6 +40,31 @@ impl SourceFormat {
         }
     }
 
+    /// File extension for an archived copy of the source.
+    pub fn extension(self) -> &'static str {
+        match self {
+            SourceFormat::Jpeg => "jpg",
+            SourceFormat::Png => "png",
+            SourceFormat::Webp => "webp",
+            SourceFormat::Gif => "gif",
+            SourceFormat::Bmp => "bmp",
+            SourceFormat::Tiff => "tiff",
+            SourceFormat::Other => "bin",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            SourceFormat::Jpeg => "image/jpeg",
+            SourceFormat::Png => "image/png",
+            SourceFormat::Webp => "image/webp",
+            SourceFormat::Gif => "image/gif",
+            SourceFormat::Bmp => "image/bmp",
+            SourceFormat::Tiff => "image/tiff",
+            SourceFormat::Other => "application/octet-stream",
+        }
+    }
+
     pub(super) fn image_format(self) -> Option<ImageFormat> {
         match self {
             SourceFormat::Jpeg => Some(ImageFormat::Jpeg),
