@@ -62,6 +62,74 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run the Kling API simulator as an HTTP server (for local runs and tests).
     Sim(SimArgs),
+    /// Publish jobs from a directory of images, a file of URLs, an NDJSON
+    /// file of job messages, or an s3:// prefix (publisher confirms).
+    Enqueue(EnqueueArgs),
+    /// Inspect, replay or purge the dead-letter queue (`<queue>.dead`).
+    Dlq(DlqArgs),
+    /// Check an archive: every object each manifest names exists with the
+    /// recorded size and SHA-256. Exits 1 on any problem.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only manifests archived on or after this day (YYYY-MM-DD).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Read metadata only (size and sha256), do not download.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// A directory (images, recursively, sent inline), a text file of URLs
+    /// (one per line), an `.ndjson`/`.jsonl` file of job messages, or
+    /// `s3://bucket/prefix`.
+    pub source: String,
+    /// Label added to every job (`key=value`, repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Check and count the jobs; publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected key=value"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Count dead letters by reason code, with example job ids.
+    List,
+    /// Put dead letters back on the job queue (confirmed), all or by reason.
+    Replay {
+        /// Only those with this reason code (e.g. `source_not_found`).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Drop dead letters with a reason code, or all of them with `--yes`.
+    Purge {
+        #[arg(long)]
+        reason: Option<String>,
+        /// Confirm dropping every dead letter.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -95,7 +163,7 @@ pub struct WorkerArgs {
     pub amqp_url: String,
 
     /// Job queue. Dead letters go to `<queue>.dead`.
-    #[arg(long, env = "WORKER_QUEUE", default_value = DEFAULT_QUEUE)]
+    #[arg(long, env = "WORKER_QUEUE", default_value = DEFAULT_QUEUE, global = true)]
     pub queue: String,
 
     /// Jobs in flight per process (also the RabbitMQ prefetch).
@@ -104,8 +172,26 @@ pub struct WorkerArgs {
 
     /// `x-delivery-limit` of the job queue: redeliveries before RabbitMQ
     /// dead-letters a message. Every declarer must use the same value.
-    #[arg(long, env = "WORKER_DELIVERY_LIMIT", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "WORKER_DELIVERY_LIMIT",
+        default_value_t = 10,
+        global = true
+    )]
     pub delivery_limit: u32,
+
+    /// Delays of the retry queues `<queue>.retry.<n>s`, in seconds,
+    /// comma-separated: a job whose transient failures outlast its own
+    /// retries waits the first, then the second, … (the last repeats).
+    /// Every declarer must use the same values.
+    #[arg(
+        long,
+        env = "WORKER_RETRY_DELAYS_SECS",
+        default_value = "5,30,300",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub retry_delays_secs: Vec<u64>,
 
     /// Kling API base URL.
     #[arg(long, env = "KLING_BASE_URL", default_value = DEFAULT_KLING_BASE_URL)]
@@ -113,11 +199,11 @@ pub struct WorkerArgs {
 
     /// Where results go: a local directory (path or file:// URL) or
     /// `s3://bucket/prefix`.
-    #[arg(long = "archive", env = "ARCHIVE_URL", default_value = DEFAULT_ARCHIVE)]
+    #[arg(long = "archive", env = "ARCHIVE_URL", default_value = DEFAULT_ARCHIVE, global = true)]
     pub archive_url: String,
 
     /// Use path-style S3 addressing (MinIO and most S3-compatible servers).
-    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", global = true)]
     pub s3_force_path_style: bool,
 
     /// Let `image_url` reach loopback, link-local and private addresses
@@ -157,6 +243,22 @@ pub struct WorkerArgs {
     #[arg(long, env = "KLING_REQUEST_TIMEOUT_SECS", default_value_t = 120)]
     pub kling_request_timeout_secs: u64,
 
+    /// Reuse the stored recognition of an identical prepared image made for
+    /// another job: the same image under two job ids is recognized (and
+    /// billed) once. `false`: every job gets its own call.
+    #[arg(long, env = "SHARE_RECOGNITIONS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub share_recognitions: bool,
+
+    /// While Kling refuses the account (arrears, bad keys, …) or the
+    /// circuit breaker is open, seconds between unbillable probe calls.
+    #[arg(long, env = "KLING_PROBE_INTERVAL_SECS", default_value_t = 30)]
+    pub kling_probe_interval_secs: u64,
+
+    /// Address of the HTTP listener for `/metrics`, `/healthz` and
+    /// `/readyz`; `off` disables it.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9464")]
+    pub http_addr: String,
+
     /// Seconds in-flight jobs get to finish after SIGTERM before their
     /// messages are left unacked for redelivery.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 60)]
@@ -170,6 +272,7 @@ pub struct Config {
     pub queue: String,
     pub concurrency: usize,
     pub delivery_limit: u32,
+    pub retry_delays: Vec<Duration>,
     pub kling: KlingConfig,
     pub archive: ArchiveTarget,
     pub s3_force_path_style: bool,
@@ -177,7 +280,31 @@ pub struct Config {
     pub result_hosts: Vec<HostPattern>,
     pub limits: Limits,
     pub pixel_budget: u64,
+    pub share_recognitions: bool,
     pub shutdown_timeout: Duration,
+    /// Where `/metrics`, `/healthz`, `/readyz` listen; `None` when `off`.
+    pub http_addr: Option<std::net::SocketAddr>,
+}
+
+impl Config {
+    /// The queues this configuration consumes and declares.
+    pub fn topology(&self) -> crate::broker::Topology {
+        crate::broker::Topology::new(self.queue.clone(), self.delivery_limit)
+            .with_retry_delays(self.retry_delays.clone())
+    }
+}
+
+impl WorkerArgs {
+    /// The queues the flags name (for `enqueue` and `dlq`, which need no
+    /// Kling keys).
+    pub fn topology(&self) -> crate::broker::Topology {
+        crate::broker::Topology::new(self.queue.clone(), self.delivery_limit).with_retry_delays(
+            self.retry_delays_secs
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +320,9 @@ pub struct KlingConfig {
     pub max_backoff: Duration,
     /// Upper bound of the adaptive in-flight limit (`--concurrency`).
     pub max_in_flight: usize,
+    /// Time between probes while the worker is suspended.
+    pub probe_interval: Duration,
+    pub breaker: crate::kling::gate::BreakerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +478,12 @@ impl WorkerArgs {
         if self.concurrency == 0 {
             return Err(invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
         }
+        if self.retry_delays_secs.is_empty() || self.retry_delays_secs.contains(&0) {
+            return Err(invalid(
+                "WORKER_RETRY_DELAYS_SECS",
+                "give one or more delays of at least 1 second".into(),
+            ));
+        }
         if self.delivery_limit == 0 {
             return Err(invalid(
                 "WORKER_DELIVERY_LIMIT",
@@ -383,6 +519,15 @@ impl WorkerArgs {
                 ),
             ));
         }
+        let http_addr = match self.http_addr.trim() {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|e| {
+                invalid(
+                    "HTTP_ADDR",
+                    format!("{e}: give ip:port (e.g. 0.0.0.0:9464) or off"),
+                )
+            })?),
+        };
         let limits = Limits {
             max_pixels: self.max_image_pixels,
             max_input_bytes: self.source_max_bytes,
@@ -393,6 +538,11 @@ impl WorkerArgs {
             queue: self.queue,
             concurrency: usize::from(self.concurrency),
             delivery_limit: self.delivery_limit,
+            retry_delays: self
+                .retry_delays_secs
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
             kling: KlingConfig {
                 base_url,
                 access_key,
@@ -403,6 +553,8 @@ impl WorkerArgs {
                 min_backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(30),
                 max_in_flight: usize::from(self.concurrency),
+                probe_interval: Duration::from_secs(self.kling_probe_interval_secs.max(1)),
+                breaker: crate::kling::gate::BreakerConfig::default(),
             },
             archive,
             s3_force_path_style: self.s3_force_path_style,
@@ -414,7 +566,9 @@ impl WorkerArgs {
             result_hosts,
             limits,
             pixel_budget,
+            share_recognitions: self.share_recognitions,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            http_addr,
         })
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::archive::manifest::Manifest;
 use crate::archive::{ObjectKey, Store};
-use crate::broker::{JobEvent, Topology, Worker};
+use crate::broker::{JobEvent, Worker};
 use crate::config::{DemoArgs, HostPattern, WorkerArgs};
 use crate::pipeline::Outcome;
 use crate::sim::{SimConfig, Simulator};
@@ -153,7 +153,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         .await
         .context("RabbitMQ is not reachable at AMQP_URL; start it (e.g. `rabbitmq-server -detached`) and retry")?;
     let ch = conn.create_channel().await?;
-    let topology = Topology::new(queue.clone(), config.delivery_limit);
+    let topology = config.topology();
     topology.declare(&ch).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
 
@@ -221,11 +221,17 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         QueueDeleteOptions::default(),
     )
     .await?;
-    ch.exchange_delete(
-        topology.dead_letter_exchange().into(),
-        ExchangeDeleteOptions::default(),
-    )
-    .await?;
+    for delay in &topology.retry_delays {
+        ch.queue_delete(
+            topology.retry_queue(*delay).into(),
+            QueueDeleteOptions::default(),
+        )
+        .await?;
+    }
+    for exchange in [topology.dead_letter_exchange(), topology.results_exchange()] {
+        ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
     let _ = conn.close(200, "demo done".into()).await;
 
     print_summary(&samples, &events, &store, &sim).await;
@@ -267,7 +273,7 @@ async fn print_summary(
                 println!("    manifest   {manifest_key}");
             }
             Some(JobEvent::Archived {
-                outcome: Outcome::AlreadyArchived { manifest_key },
+                outcome: Outcome::AlreadyArchived { manifest_key, .. },
                 ..
             }) => {
                 archived += 1;

@@ -12,8 +12,12 @@ pub enum Disposition {
     Transient,
     /// Will never succeed: dead-letter the message with the reason.
     Permanent,
-    /// The worker itself cannot work (bad keys, account out of credit):
-    /// stop consuming, return the message to the queue, alert.
+    /// Nothing can succeed until the account, keys or service recover
+    /// (arrears, bad keys, outage): stop consuming, return the message to
+    /// the queue without charging it a delivery, probe, resume by itself.
+    Suspend,
+    /// The worker itself is broken (a bug, an unusable store): return the
+    /// message to the queue and stop the process so the orchestrator alerts.
     Fatal,
 }
 
@@ -22,6 +26,7 @@ impl Disposition {
         match self {
             Disposition::Transient => "transient",
             Disposition::Permanent => "permanent",
+            Disposition::Suspend => "suspend",
             Disposition::Fatal => "fatal",
         }
     }

@@ -5,6 +5,7 @@
 //! Data flows one way: [`broker`] → [`pipeline`] → stages ([`fetch`],
 //! [`prepare`], [`kling`]) → [`archive`]. Start at `docs/ARCHITECTURE.md`.
 
+pub mod admin;
 pub mod archive;
 pub mod broker;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod fetch;
 pub mod job;
 pub mod kling;
+pub mod ops;
 pub mod pipeline;
 pub mod prepare;
 pub mod sim;
@@ -87,15 +89,36 @@ pub fn build_pipeline_with(
         ResultDownloader::new(config.result_hosts.clone())?,
         config.limits.clone(),
         config.pixel_budget,
-    ))
+    )
+    .with_shared_recognitions(config.share_recognitions))
 }
 
-/// Run a consuming worker until `shutdown` or a fatal error.
+/// Run a consuming worker until `shutdown` or a fatal error, with the ops
+/// HTTP listener (`/metrics`, `/healthz`, `/readyz`) when configured.
 pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let pipeline = Arc::new(build_pipeline(&config).await?);
-    broker::Worker::new(Arc::new(config), pipeline)
-        .run(shutdown)
-        .await?;
+    let http_addr = config.http_addr;
+    let worker = broker::Worker::new(Arc::new(config), pipeline);
+    let ops_stop = CancellationToken::new();
+    let mut ops_task = None;
+    if let Some(addr) = http_addr {
+        let metrics = ops::metrics::install();
+        ops::metrics::suspended(None);
+        let (bound, task) = ops::serve(addr, worker.status(), Some(metrics), ops_stop.clone())
+            .await
+            .map_err(|e| RunError::Http {
+                addr,
+                reason: e.to_string(),
+            })?;
+        tracing::info!(addr = %bound, "ops HTTP listener: /metrics /healthz /readyz");
+        ops_task = Some(task);
+    }
+    let result = worker.run(shutdown).await;
+    ops_stop.cancel();
+    if let Some(task) = ops_task {
+        let _ = task.await;
+    }
+    result?;
     Ok(())
 }
 
@@ -106,4 +129,9 @@ pub enum RunError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error("cannot listen on HTTP_ADDR {addr}: {reason}; pick a free port or set HTTP_ADDR=off")]
+    Http {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
 }

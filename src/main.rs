@@ -66,6 +66,9 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Some(Command::Enqueue(args)) => enqueue(&cli.worker, args).await,
+        Some(Command::Dlq(args)) => dlq(&cli.worker, args).await,
+        Some(Command::Verify(args)) => verify(&cli.worker, args).await,
         Some(Command::Sim(args)) => {
             let cfg = match sim_config(&args) {
                 Ok(c) => c,
@@ -81,6 +84,124 @@ async fn run(cli: Cli) -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             }
+        }
+    }
+}
+
+async fn enqueue(
+    worker: &kling_archiver::config::WorkerArgs,
+    args: kling_archiver::config::EnqueueArgs,
+) -> ExitCode {
+    use kling_archiver::admin::enqueue;
+    let source = match enqueue::Source::detect(&args.source) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let s3 = match source {
+        enqueue::Source::S3 { .. } => {
+            Some(kling_archiver::s3_client(worker.s3_force_path_style).await)
+        }
+        _ => None,
+    };
+    let opts = enqueue::Options {
+        source,
+        labels: args.labels.into_iter().collect(),
+        dry_run: args.dry_run,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let topology = worker.topology();
+    let url = secrecy::SecretString::from(worker.amqp_url.clone());
+    let started = std::time::Instant::now();
+    match enqueue::run(&opts, &topology, &url, s3.as_ref()).await {
+        Ok(report) => {
+            println!(
+                "{}",
+                enqueue::summary(&report, &worker.queue, args.dry_run, started.elapsed())
+            );
+            if report.skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn dlq(
+    worker: &kling_archiver::config::WorkerArgs,
+    args: kling_archiver::config::DlqArgs,
+) -> ExitCode {
+    use kling_archiver::admin::dlq;
+    use kling_archiver::config::DlqAction;
+    let topology = worker.topology();
+    let url = secrecy::SecretString::from(worker.amqp_url.clone());
+    let dead = topology.dead_letter_queue();
+    let result = match args.action {
+        DlqAction::List => dlq::list(&topology, &url)
+            .await
+            .map(|groups| print!("{}", dlq::render(&groups, &dead))),
+        DlqAction::Replay { reason } => dlq::replay(&topology, &url, reason.as_deref())
+            .await
+            .map(|n| println!("replayed {n} dead letters from {dead} to {}", worker.queue)),
+        DlqAction::Purge { reason, yes } => dlq::purge(&topology, &url, reason.as_deref(), yes)
+            .await
+            .map(|n| println!("purged {n} dead letters from {dead}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn verify(
+    worker: &kling_archiver::config::WorkerArgs,
+    args: kling_archiver::config::VerifyArgs,
+) -> ExitCode {
+    use kling_archiver::admin::verify;
+    let target = match kling_archiver::archive::ArchiveTarget::parse(&worker.archive_url) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: ARCHIVE_URL: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let s3 = kling_archiver::s3_client(worker.s3_force_path_style).await;
+    let store = kling_archiver::archive::Store::open(&target, &s3);
+    let opts = verify::Options {
+        since: args.since,
+        quick: args.quick,
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let started = std::time::Instant::now();
+    match verify::run(&store, &opts).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{}", report.summary(started.elapsed()));
+            }
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

@@ -27,8 +27,8 @@ use tokio::sync::Semaphore;
 
 use crate::archive::download::{DownloadError, ResultDownloader};
 use crate::archive::manifest::{
-    Manifest, PreparedImage, RecognitionRecord, SCHEMA_VERSION, SegmentEntry, SourceImage,
-    WorkerInfo, now_rfc3339,
+    Manifest, PreparedImage, RecognitionRecord, ResultEvent, SCHEMA_VERSION, SegmentEntry,
+    SourceImage, WorkerInfo, now_rfc3339,
 };
 use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, StoreError, layout};
 use crate::error::{Classify, Disposition};
@@ -57,9 +57,22 @@ pub enum Outcome {
         reused_recognition: bool,
         segments: usize,
         cost: String,
+        event: Box<ResultEvent>,
     },
     /// The manifest already existed: nothing to do (redelivery, duplicate).
-    AlreadyArchived { manifest_key: String },
+    AlreadyArchived {
+        manifest_key: String,
+        event: Box<ResultEvent>,
+    },
+}
+
+impl Outcome {
+    /// What the broker publishes to `<queue>.results` before the ack.
+    pub fn event(&self) -> &ResultEvent {
+        match self {
+            Outcome::Archived { event, .. } | Outcome::AlreadyArchived { event, .. } => event,
+        }
+    }
 }
 
 /// Everything a job needs; shared by all jobs of a worker.
@@ -74,6 +87,9 @@ pub struct Pipeline {
     pixels: Arc<Semaphore>,
     pixel_permits: u32,
     hooks: Hooks,
+    /// Reuse a recognition of the same prepared image made for another job
+    /// (one billed call per distinct image). Off: one call per job.
+    share_recognitions: bool,
 }
 
 impl Pipeline {
@@ -100,6 +116,21 @@ impl Pipeline {
             pixels: Arc::new(Semaphore::new(pixel_permits as usize)),
             pixel_permits,
             hooks: Hooks::default(),
+            share_recognitions: true,
+        }
+    }
+
+    /// See `SHARE_RECOGNITIONS`.
+    pub fn with_shared_recognitions(mut self, share: bool) -> Self {
+        self.share_recognitions = share;
+        self
+    }
+
+    fn recognition_key(&self, job: &Job, prepared: &Sha256) -> ObjectKey {
+        if self.share_recognitions {
+            layout::recognition(prepared)
+        } else {
+            layout::recognition_of_job(prepared, &job.id)
         }
     }
 
@@ -112,19 +143,78 @@ impl Pipeline {
         &self.store
     }
 
+    pub fn kling(&self) -> &KlingClient {
+        &self.kling
+    }
+
+    /// The job is done already: read its manifest, and finish it as
+    /// [`Self::finish`] does (the day index may be missing after a crash).
+    async fn already_archived(&self, job: &Job) -> Result<Option<Outcome>, PipelineError> {
+        let key = layout::manifest(&job.id);
+        let Some(body) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let m: Manifest = serde_json::from_slice(&body).map_err(|e| {
+            PipelineError::internal(format!("the stored manifest is unreadable: {e}"))
+        })?;
+        let manifest_key = self.store.full_key(&key);
+        let event = self.finish(&m, &manifest_key).await?;
+        Ok(Some(Outcome::AlreadyArchived {
+            manifest_key,
+            event: Box::new(event),
+        }))
+    }
+
+    /// After a job's manifest exists: make sure the day index names it
+    /// (create-if-absent, so repeats are cheap) and build its result event.
+    async fn finish(&self, m: &Manifest, manifest_key: &str) -> Result<ResultEvent, PipelineError> {
+        if let Ok(job) = JobId::parse(&m.job_id)
+            && let Some(index) = m
+                .archived_at
+                .get(..10)
+                .and_then(|day| layout::day_index(day, &job))
+        {
+            let entry = Bytes::from(
+                serde_json::to_vec(&serde_json::json!({
+                    "job_id": m.job_id,
+                    "manifest_key": manifest_key,
+                    "archived_at": m.archived_at,
+                }))
+                .map_err(PipelineError::internal)?,
+            );
+            let meta = PutMeta {
+                content_type: "application/json",
+                sha256: Sha256::of(&entry),
+                metadata: BTreeMap::from([("job-id".to_owned(), m.job_id.clone())]),
+            };
+            self.store.put_if_absent(&index, entry, &meta).await?;
+        }
+        Ok(ResultEvent::from_manifest(
+            m,
+            self.store.describe(),
+            manifest_key.to_owned(),
+        ))
+    }
+
     /// Run one job. The caller acks on `Ok`, and acts on the error's
     /// [`Classify::disposition`] otherwise.
     pub async fn run(&self, job: &Job) -> Result<Outcome, PipelineError> {
-        let manifest_key = layout::manifest(&job.id);
-        if self.store.head(&manifest_key).await?.is_some() {
+        if let Some(done) = self.already_archived(job).await? {
             tracing::info!("manifest exists; job already archived");
-            return Ok(Outcome::AlreadyArchived {
-                manifest_key: self.store.full_key(&manifest_key),
-            });
+            return Ok(done);
         }
+        let manifest_key = layout::manifest(&job.id);
 
+        // A suspended worker does no work it would have to throw away.
+        if let Some(e) = self.kling.suspended_error() {
+            return Err(e.into());
+        }
+        let timer = crate::ops::metrics::StageTimer::start("fetch");
         let source = self.fetcher.fetch(&job.source).await?;
+        timer.stop();
+        let timer = crate::ops::metrics::StageTimer::start("prepare");
         let p = self.prepare(source.clone()).await?;
+        timer.stop();
         tracing::info!(
             source.bytes = p.source_bytes,
             source.format = ?p.prepared.source.format,
@@ -134,8 +224,11 @@ impl Pipeline {
         );
         let (source_key, prepared_key) = self.store_images(job, source, &p).await?;
 
+        let timer = crate::ops::metrics::StageTimer::start("kling");
         let (mut record, mut reused) = self.recognition(job, &p).await?;
+        timer.stop();
         tracing::Span::current().record("kling.request_id", record.recognition.request_id.as_str());
+        let timer = crate::ops::metrics::StageTimer::start("archive");
         let segments = match self.archive_segments(job, &record, &p).await {
             Err(PipelineError::Download(DownloadError::Expired { .. })) if reused => {
                 // The stored answer's URLs are gone (Kling keeps them 30 days):
@@ -144,6 +237,7 @@ impl Pipeline {
                     stale_request_id = record.recognition.request_id,
                     "stored recognition's results expired; recognizing again"
                 );
+                crate::ops::metrics::results_expired();
                 record = self.call_kling(job, &p).await?;
                 reused = false;
                 tracing::Span::current()
@@ -152,6 +246,7 @@ impl Pipeline {
             }
             other => other?,
         };
+        timer.stop();
 
         if let Some(hook) = &self.hooks.before_manifest {
             hook(job.id.clone()).await;
@@ -193,7 +288,7 @@ impl Pipeline {
         };
         let body =
             Bytes::from(serde_json::to_vec_pretty(&manifest).map_err(PipelineError::internal)?);
-        let mut metadata = base_metadata(job, &rec.request_id);
+        let mut metadata = base_metadata(job, rec);
         metadata.insert("schema-version".into(), SCHEMA_VERSION.to_string());
         let meta = PutMeta {
             content_type: "application/json",
@@ -204,14 +299,20 @@ impl Pipeline {
         let manifest_key = self.store.full_key(&manifest_key);
         if created == Created::AlreadyExisted {
             tracing::info!("another worker wrote the manifest first");
-            return Ok(Outcome::AlreadyArchived { manifest_key });
+            // Theirs is the manifest that counts: report it, not ours.
+            return self
+                .already_archived(job)
+                .await?
+                .ok_or_else(|| PipelineError::internal("the manifest vanished after archiving"));
         }
+        let event = self.finish(&manifest, &manifest_key).await?;
         Ok(Outcome::Archived {
-            manifest_key,
             request_id: rec.request_id.clone(),
             reused_recognition: reused,
             segments: manifest.segments.iter().filter(|s| s.key.is_some()).count(),
             cost: rec.final_unit_deduction.clone(),
+            manifest_key,
+            event: Box::new(event),
         })
     }
 
@@ -333,7 +434,7 @@ impl Pipeline {
         job: &Job,
         p: &PreparedJob,
     ) -> Result<(RecognitionRecord, bool), PipelineError> {
-        let key = layout::recognition(&p.prepared_sha);
+        let key = self.recognition_key(job, &p.prepared_sha);
         if let Some(bytes) = self.store.get(&key).await? {
             match serde_json::from_slice::<RecognitionRecord>(&bytes) {
                 Ok(rec) if rec.prepared_sha256 == p.prepared_sha => {
@@ -369,6 +470,7 @@ impl Pipeline {
             .await?;
         let recognition: Recognition = self.kling.recognize(&b64).await?;
         drop(b64);
+        crate::ops::metrics::cost(&recognition.final_unit_deduction);
         let record = RecognitionRecord {
             schema_version: SCHEMA_VERSION,
             prepared_sha256: p.prepared_sha,
@@ -385,11 +487,11 @@ impl Pipeline {
         // This call was billed: try hard to remember it.
         let body =
             Bytes::from(serde_json::to_vec_pretty(&record).map_err(PipelineError::internal)?);
-        let key = layout::recognition(&p.prepared_sha);
+        let key = self.recognition_key(job, &p.prepared_sha);
         let meta = PutMeta {
             content_type: "application/json",
             sha256: Sha256::of(&body),
-            metadata: base_metadata(job, &record.recognition.request_id),
+            metadata: base_metadata(job, &record.recognition),
         };
         (|| self.store.put(&key, body.clone(), &meta))
             .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(500)).with_max_times(5).with_jitter())
@@ -467,9 +569,10 @@ impl Pipeline {
             });
         }
         let png = self.downloader.download(url).await?;
+        crate::ops::metrics::archived_bytes(png.bytes.len());
         let bytes = png.bytes.clone();
         let sha = self.cpu_task(move || Sha256::of(&bytes)).await?;
-        let mut metadata = base_metadata(job, &rec.request_id);
+        let mut metadata = base_metadata(job, rec);
         metadata.insert("segment-type".into(), seg.kind.to_string());
         metadata.insert("source-sha256".into(), p.source_sha.hex());
         metadata.insert("prepared-sha256".into(), p.prepared_sha.hex());
@@ -507,11 +610,16 @@ struct PreparedJob {
     prepared_sha: Sha256,
 }
 
-/// Metadata every object of a job carries.
-fn base_metadata(job: &Job, request_id: &str) -> BTreeMap<String, String> {
+/// Metadata every object of a job carries: who asked, Kling's request id
+/// (Kling support asks for it) and what the call cost.
+fn base_metadata(job: &Job, rec: &Recognition) -> BTreeMap<String, String> {
     let mut m = BTreeMap::from([
         ("job-id".to_owned(), job.id.to_string()),
-        ("request-id".to_owned(), ascii(request_id)),
+        ("request-id".to_owned(), ascii(&rec.request_id)),
+        (
+            "final-unit-deduction".to_owned(),
+            ascii(&rec.final_unit_deduction),
+        ),
     ]);
     if !job.labels.is_empty() {
         m.insert("labels".into(), labels_metadata_value(&job.labels));

@@ -138,15 +138,31 @@ async fn delete_removes_object_and_metadata(store: Store) {
 }
 
 async fn large_objects_round_trip(store: Store) {
-    let body = Bytes::from(
-        (0..12 * 1024 * 1024)
-            .map(|i| (i % 251) as u8)
-            .collect::<Vec<u8>>(),
-    );
-    let k = key("segments/big/object_seg.png");
-    store.put(&k, body.clone(), &meta(&body)).await.unwrap();
-    let back = store.get(&k).await.unwrap().unwrap();
-    assert_eq!(Sha256::of(&back), Sha256::of(&body));
+    // 12 MiB: one PUT. 21 MiB: a multipart upload in S3 (three parts, the
+    // last one short), create-if-absent included.
+    for (mib, name) in [(12, "segments/big/object_seg.png"), (21, "images/huge.jpg")] {
+        let body = Bytes::from(
+            (0..mib * 1024 * 1024 + 17)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let k = key(name);
+        let m = meta(&body);
+        assert_eq!(
+            store.put_if_absent(&k, body.clone(), &m).await.unwrap(),
+            Created::Yes
+        );
+        assert_eq!(
+            store.put_if_absent(&k, body.clone(), &m).await.unwrap(),
+            Created::AlreadyExisted
+        );
+        let back = store.get(&k).await.unwrap().unwrap();
+        assert_eq!(Sha256::of(&back), Sha256::of(&body), "{name}");
+        let info = store.head(&k).await.unwrap().unwrap();
+        assert_eq!(info.size, body.len() as u64);
+        assert_eq!(info.sha256(), Some(Sha256::of(&body)), "metadata of {name}");
+        assert_eq!(info.content_type.as_deref(), Some(m.content_type));
+    }
 }
 
 async fn full_keys_carry_the_prefix(store: Store) {
@@ -192,4 +208,39 @@ async fn s3_rejects_a_body_that_does_not_match_its_checksum() {
         "store_checksum",
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn s3_keeps_the_sha256_checksum_it_verified_on_arrival() {
+    let s3 = common::start_s3().await;
+    let bucket = common::unique("s");
+    common::create_bucket(&s3.client, &bucket).await;
+    let store = Store::s3(s3.client.clone(), bucket.clone(), "pfx");
+    let body = Bytes::from_static(b"\x89PNG\r\n\x1a\n a segment");
+    store
+        .put(
+            &key("segments/r/object_seg.png"),
+            body.clone(),
+            &meta(&body),
+        )
+        .await
+        .unwrap();
+    let head = s3
+        .client
+        .head_object()
+        .bucket(&bucket)
+        .key("pfx/segments/r/object_seg.png")
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.checksum_sha256(),
+        Some(Sha256::of(&body).base64().as_str()),
+        "S3's own checksum of the stored bytes"
+    );
+    let meta = head.metadata().unwrap();
+    assert_eq!(meta.get("sha256"), Some(&Sha256::of(&body).hex()));
+    assert_eq!(meta.get("job-id").map(String::as_str), Some("j-1"));
+    assert_eq!(head.content_type(), Some("image/png"));
 }

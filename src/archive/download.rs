@@ -2,7 +2,7 @@
 //!
 //! The URL and every redirect hop must match `KLING_RESULT_HOSTS`; `https`
 //! is required except for loopback hosts (the simulator). Bodies are
-//! size-capped and must be a complete PNG (signature, IHDR, IEND) before they
+//! size-capped and must be a complete, fully decodable PNG before they
 //! are stored. Transient CDN failures are retried here with backoff; 403,
 //! 404 and 410 mean the result has expired.
 
@@ -108,10 +108,16 @@ impl ResultDownloader {
                     reason: other.to_string(),
                 },
             })?;
-        let (width, height) = verify_png(&bytes).map_err(|reason| DownloadError::NotPng {
-            url: redact_url(url),
-            reason,
-        })?;
+        let check = bytes.clone();
+        let (width, height) = tokio::task::spawn_blocking(move || verify_png(&check))
+            .await
+            .map_err(|e| DownloadError::Network {
+                reason: format!("PNG check task failed: {e}"),
+            })?
+            .map_err(|reason| DownloadError::NotPng {
+                url: redact_url(url),
+                reason,
+            })?;
         Ok(Png {
             bytes,
             width,
@@ -145,8 +151,33 @@ fn check_url(url: &url::Url, hosts: &[HostPattern]) -> Result<(), DownloadError>
     }
 }
 
-/// A complete PNG: signature, a sane IHDR first, IEND last. Returns its size.
+/// A complete, decodable PNG. The cheap structural check first (signature,
+/// IHDR, IEND), then a full streaming decode row by row: every chunk CRC
+/// and the whole zlib stream are checked without holding the image in
+/// memory (the decoder's allocations are capped). Returns its size.
 pub fn verify_png(b: &[u8]) -> Result<(u32, u32), String> {
+    let (width, height) = verify_png_structure(b)?;
+    let mut decoder = png::Decoder::new_with_limits(
+        std::io::Cursor::new(b),
+        png::Limits {
+            bytes: 64 * 1024 * 1024,
+        },
+    );
+    decoder.set_ignore_text_chunk(true);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| format!("undecodable: {e}"))?;
+    while reader
+        .next_row()
+        .map_err(|e| format!("undecodable: {e}"))?
+        .is_some()
+    {}
+    reader.finish().map_err(|e| format!("undecodable: {e}"))?;
+    Ok((width, height))
+}
+
+/// Signature, a sane IHDR first, IEND last.
+fn verify_png_structure(b: &[u8]) -> Result<(u32, u32), String> {
     if b.len() < 8 + 25 + 12 || &b[..8] != PNG_SIGNATURE {
         return Err("not a PNG (bad signature)".into());
     }
@@ -296,5 +327,12 @@ mod tests {
         );
         assert!(verify_png(b"<html>expired</html>").is_err());
         assert!(verify_png(&[]).is_err());
+        // Intact structure, damaged pixels: only the full decode sees it.
+        let at = png.windows(4).position(|w| w == b"IDAT").unwrap() + 6;
+        let mut damaged = png.clone();
+        damaged[at] ^= 0x55;
+        assert!(verify_png_structure(&damaged).is_ok());
+        let err = verify_png(&damaged).unwrap_err();
+        assert!(err.contains("undecodable"), "{err}");
     }
 }

@@ -45,6 +45,27 @@ pub fn recognition(prepared: &Sha256) -> ObjectKey {
     key(format!("recognitions/{prepared}.json"))
 }
 
+/// The day index: `index/dt=<YYYY-MM-DD>/<job_id>.json`, one small object
+/// per job archived that day (UTC), so a downstream job lists one day's
+/// prefix instead of the whole archive.
+pub fn day_index(day: &str, job: &JobId) -> Option<ObjectKey> {
+    let ok = day.len() == 10
+        && day.chars().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                c == '-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    ok.then(|| key(format!("index/dt={day}/{job}.json")))
+}
+
+/// With `SHARE_RECOGNITIONS=false`: one record per job, so a redelivery
+/// still reuses its own answer but no other job does.
+pub fn recognition_of_job(prepared: &Sha256, job: &JobId) -> ObjectKey {
+    key(format!("recognitions/{prepared}.{job}.json"))
+}
+
 /// `n` disambiguates a type that appears more than once in one answer.
 pub fn segment(request_id: &str, kind: &SegmentType, n: usize) -> ObjectKey {
     let suffix = if n == 0 {
@@ -83,6 +104,12 @@ mod tests {
     #[test]
     fn keys_follow_the_documented_layout() {
         let job = JobId::parse("catalog-2026-11-000123").unwrap();
+        assert_eq!(
+            day_index("2026-11-25", &job).unwrap().as_str(),
+            "index/dt=2026-11-25/catalog-2026-11-000123.json"
+        );
+        assert!(day_index("2026-11-2", &job).is_none());
+        assert!(day_index("../../etc/x", &job).is_none());
         assert_eq!(
             manifest(&job).as_str(),
             "jobs/catalog-2026-11-000123/manifest.json"

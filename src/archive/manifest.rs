@@ -13,6 +13,46 @@ use crate::prepare::{OutputFormat, SourceFormat, TransformRecord, Violation};
 /// Bumped on any change a reader must know about. See `docs/s3-layout.md`.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// What the worker publishes to `<queue>.results` for every archived job,
+/// before acking it (see `docs/job-schema.md`). Built from the manifest, so
+/// the event and the archive never disagree. Published again when a
+/// redelivered job finds its manifest: consumers must be idempotent on
+/// `job_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultEvent {
+    pub schema_version: u32,
+    /// Always `archived`.
+    pub event: String,
+    pub job_id: String,
+    /// `s3://bucket/prefix` or the archive directory.
+    pub archive: String,
+    pub manifest_key: String,
+    pub request_id: String,
+    pub final_unit_deduction: String,
+    pub reused_recognition: bool,
+    pub archived_at: String,
+    pub labels: crate::job::Labels,
+    pub segments: Vec<SegmentEntry>,
+}
+
+impl ResultEvent {
+    pub fn from_manifest(m: &Manifest, archive: String, manifest_key: String) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event: "archived".into(),
+            job_id: m.job_id.clone(),
+            archive,
+            manifest_key,
+            request_id: m.request_id.clone(),
+            final_unit_deduction: m.final_unit_deduction.clone(),
+            reused_recognition: m.reused_recognition,
+            archived_at: m.archived_at.clone(),
+            labels: m.labels.clone(),
+            segments: m.segments.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub schema_version: u32,

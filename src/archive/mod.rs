@@ -296,6 +296,16 @@ impl Store {
         }
     }
 
+    /// The key a manifest names (a [`Self::full_key`]) as a key of this
+    /// store; `None` if it lies outside the archive.
+    pub fn relative_key(&self, full: &str) -> Option<ObjectKey> {
+        let rel = match self {
+            Store::Local(_) => full,
+            Store::S3(s) => s.relative(full)?,
+        };
+        ObjectKey::parse(rel).ok()
+    }
+
     /// `s3://bucket/prefix` or the directory, for logs and summaries.
     pub fn describe(&self) -> String {
         match self {

@@ -6,6 +6,11 @@
 //! `If-None-Match: *`; servers that ignore the header still get a HEAD check
 //! first, so only a race between two writers of the same job can overwrite,
 //! and they write the same manifest.
+//!
+//! Bodies of [`MULTIPART_THRESHOLD`] and more (large source images) go up
+//! as a multipart upload in [`PART_SIZE`] parts, each with its own SHA-256
+//! checksum; a failed upload is aborted so no parts linger. Manifests and
+//! segments are far below the threshold: always a single PUT.
 
 use std::collections::HashMap;
 
@@ -13,7 +18,12 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
-use super::{Created, ObjectInfo, ObjectKey, PutMeta, StoreError};
+use super::{Created, ObjectInfo, ObjectKey, PutMeta, Sha256, StoreError};
+
+/// Bodies this large or larger are uploaded in parts.
+pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
+/// Part size of a multipart upload (S3's minimum is 5 MiB).
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct S3Store {
@@ -40,6 +50,15 @@ impl S3Store {
         }
     }
 
+    /// The inverse of [`Self::full_key`].
+    pub fn relative<'a>(&self, full: &'a str) -> Option<&'a str> {
+        if self.prefix.is_empty() {
+            Some(full)
+        } else {
+            full.strip_prefix(self.prefix.as_str())?.strip_prefix('/')
+        }
+    }
+
     pub fn describe(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
     }
@@ -59,6 +78,11 @@ impl S3Store {
             return Ok(Created::AlreadyExisted);
         }
         let metadata: HashMap<String, String> = meta.stored_metadata().into_iter().collect();
+        if body.len() >= MULTIPART_THRESHOLD {
+            return self
+                .put_multipart(key, body, meta, metadata, if_absent)
+                .await;
+        }
         let mut req = self
             .client
             .put_object()
@@ -71,11 +95,95 @@ impl S3Store {
         if if_absent {
             req = req.if_none_match("*");
         }
-        match req.send().await {
-            Ok(_) => Ok(Created::Yes),
-            Err(e) if if_absent && http_status(&e) == Some(412) => Ok(Created::AlreadyExisted),
-            Err(e) => Err(classify(e)),
+        created(req.send().await, if_absent)
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+        metadata: HashMap<String, String>,
+        if_absent: bool,
+    ) -> Result<Created, StoreError> {
+        use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+        let full = self.full_key(key);
+        let create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .content_type(meta.content_type)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .set_metadata(Some(metadata))
+            .send()
+            .await
+            .map_err(classify)?;
+        let upload_id = create
+            .upload_id()
+            .ok_or_else(|| StoreError::Unavailable {
+                reason: "CreateMultipartUpload returned no upload id".into(),
+            })?
+            .to_owned();
+        let upload = async {
+            let mut parts = Vec::new();
+            let mut start = 0;
+            let mut number = 1;
+            while start < body.len() {
+                let end = (start + PART_SIZE).min(body.len());
+                let part = body.slice(start..end);
+                let checksum = Sha256::of(&part).base64();
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .checksum_sha256(&checksum)
+                    .body(ByteStream::from(part))
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_owned))
+                        .checksum_sha256(out.checksum_sha256().unwrap_or(&checksum))
+                        .build(),
+                );
+                start = end;
+                number += 1;
+            }
+            let mut req = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                );
+            if if_absent {
+                req = req.if_none_match("*");
+            }
+            created(req.send().await, if_absent)
+        };
+        let result = upload.await;
+        if result.is_err() || matches!(result, Ok(Created::AlreadyExisted)) {
+            // Best effort: parts of an unfinished upload are billed storage.
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
         }
+        result
     }
 
     pub async fn get(&self, key: &ObjectKey) -> Result<Option<Bytes>, StoreError> {
@@ -167,6 +275,23 @@ impl S3Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// A write's outcome; with `If-None-Match: *`, 412 means another writer
+/// was first.
+fn created<T, E, R>(
+    result: Result<T, SdkError<E, R>>,
+    if_absent: bool,
+) -> Result<Created, StoreError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: HttpStatus + std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(Created::Yes),
+        Err(e) if if_absent && http_status(&e) == Some(412) => Ok(Created::AlreadyExisted),
+        Err(e) => Err(classify(e)),
     }
 }
 

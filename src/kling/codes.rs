@@ -14,19 +14,22 @@ pub enum Reading {
     RefreshToken,
     /// Dead-letter this job.
     Permanent,
-    /// Stop consuming: configuration is wrong (keys, IP whitelist) or a bug.
-    FatalConfig,
-    /// Stop consuming: the account cannot pay (arrears, depleted pack).
-    FatalAccount,
+    /// No call of this account or key can succeed until an operator acts
+    /// (bad keys, account exception, arrears, depleted pack, no
+    /// permission, IP whitelist): suspend the worker and probe.
+    Blocked,
+    /// A bug in how the worker calls Kling (no Authorization header, wrong
+    /// method): stop the worker; retrying cannot help.
+    Fatal,
 }
 
 /// The reading of a service code, falling back on the HTTP status for codes
 /// the table does not know (5xx and 429 transient, other 4xx permanent).
 pub fn read(http: u16, code: u32) -> Reading {
     match code {
-        1000 | 1001 | 1002 | 1202 | 1304 => Reading::FatalConfig,
+        1000 | 1002 | 1100..=1103 | 1304 => Reading::Blocked,
+        1001 | 1202 => Reading::Fatal,
         1003 | 1004 => Reading::RefreshToken,
-        1100..=1103 => Reading::FatalAccount,
         1200 | 1201 | 1203 | 1300 | 1301 => Reading::Permanent,
         1302 | 1303 | 5000..=5002 => Reading::Transient,
         _ if http == 429 || http >= 500 => Reading::Transient,
@@ -67,8 +70,8 @@ pub fn code_label(http: u16, code: u32) -> &'static str {
     }
 }
 
-/// What an operator should do about a fatal code.
-fn advice(code: u32) -> &'static str {
+/// What an operator should do about a blocking or fatal code.
+pub fn advice(code: u32) -> &'static str {
     match code {
         1000 | 1002 => "check KLING_ACCESS_KEY and KLING_SECRET_KEY",
         1001 => "the worker sent no Authorization header: this is a bug, report it",
@@ -108,6 +111,14 @@ pub enum KlingError {
     DeadlineExceeded(Duration),
     #[error("could not sign the Kling token: {0}")]
     Token(String),
+    /// The worker is suspended (see [`super::gate`]); the call was not made.
+    #[error(
+        "not calling Kling: the worker is suspended ({cause} {code}); the message goes back to the queue"
+    )]
+    Suspended {
+        cause: &'static str,
+        code: &'static str,
+    },
 }
 
 impl KlingError {
@@ -117,7 +128,8 @@ impl KlingError {
             KlingError::Transport { .. }
             | KlingError::BadResponse { .. }
             | KlingError::DeadlineExceeded(_) => Reading::Transient,
-            KlingError::Token(_) => Reading::FatalConfig,
+            KlingError::Token(_) => Reading::Fatal,
+            KlingError::Suspended { .. } => Reading::Blocked,
         }
     }
 
@@ -133,6 +145,7 @@ impl KlingError {
         match self {
             KlingError::Api { code, .. } => advice(*code),
             KlingError::Token(_) => "check KLING_SECRET_KEY",
+            KlingError::Suspended { .. } => "see the error that suspended the worker",
             _ => "",
         }
     }
@@ -143,7 +156,8 @@ impl Classify for KlingError {
         match self.reading() {
             Reading::Transient | Reading::RefreshToken => Disposition::Transient,
             Reading::Permanent => Disposition::Permanent,
-            Reading::FatalConfig | Reading::FatalAccount => Disposition::Fatal,
+            Reading::Blocked => Disposition::Suspend,
+            Reading::Fatal => Disposition::Fatal,
         }
     }
 
@@ -154,6 +168,7 @@ impl Classify for KlingError {
             KlingError::BadResponse { .. } => "kling_bad_response",
             KlingError::DeadlineExceeded(_) => "kling_deadline",
             KlingError::Token(_) => "kling_token",
+            KlingError::Suspended { .. } => "kling_suspended",
         }
     }
 }
@@ -164,24 +179,24 @@ mod tests {
 
     /// The contract table, row by row: (http, code, reading).
     const TABLE: &[(u16, u32, Reading)] = &[
-        (401, 1000, Reading::FatalConfig),
-        (401, 1001, Reading::FatalConfig),
-        (401, 1002, Reading::FatalConfig),
+        (401, 1000, Reading::Blocked),
+        (401, 1001, Reading::Fatal),
+        (401, 1002, Reading::Blocked),
         (401, 1003, Reading::RefreshToken),
         (401, 1004, Reading::RefreshToken),
-        (429, 1100, Reading::FatalAccount),
-        (429, 1101, Reading::FatalAccount),
-        (429, 1102, Reading::FatalAccount),
-        (403, 1103, Reading::FatalAccount),
+        (429, 1100, Reading::Blocked),
+        (429, 1101, Reading::Blocked),
+        (429, 1102, Reading::Blocked),
+        (403, 1103, Reading::Blocked),
         (400, 1200, Reading::Permanent),
         (400, 1201, Reading::Permanent),
-        (404, 1202, Reading::FatalConfig),
+        (404, 1202, Reading::Fatal),
         (404, 1203, Reading::Permanent),
         (400, 1300, Reading::Permanent),
         (400, 1301, Reading::Permanent),
         (429, 1302, Reading::Transient),
         (429, 1303, Reading::Transient),
-        (429, 1304, Reading::FatalConfig),
+        (429, 1304, Reading::Blocked),
         (500, 5000, Reading::Transient),
         (503, 5001, Reading::Transient),
         (504, 5002, Reading::Transient),
@@ -214,7 +229,10 @@ mod tests {
             request_id: None,
             retry_after: None,
         };
-        assert_eq!(api(429, 1101).disposition(), Disposition::Fatal);
+        assert_eq!(api(429, 1101).disposition(), Disposition::Suspend);
+        assert_eq!(api(429, 1304).disposition(), Disposition::Suspend);
+        assert_eq!(api(401, 1000).disposition(), Disposition::Suspend);
+        assert_eq!(api(401, 1001).disposition(), Disposition::Fatal);
         assert_eq!(api(400, 1301).disposition(), Disposition::Permanent);
         assert_eq!(api(401, 1004).disposition(), Disposition::Transient);
         assert_eq!(

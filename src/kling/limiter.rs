@@ -6,12 +6,20 @@
 //! increase) and halves on a rate-limit answer (multiplicative decrease), at
 //! most once per cool-down so a burst of 1303s from calls already in flight
 //! counts as one signal. It never exceeds `--concurrency` nor falls below 1.
+//!
+//! It starts low ([`INITIAL_LIMIT`]) in *slow start*, growing by one per
+//! success (doubling per round trip) until the first rate-limit answer or
+//! the maximum, so a fleet starting at once does not open with
+//! `workers × concurrency` calls against the account's limit.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// The limit a fresh worker starts with.
+pub const INITIAL_LIMIT: usize = 4;
 
 /// A decrease is taken at most this often.
 pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(1);
@@ -28,6 +36,8 @@ struct State {
     limit: f64,
     in_flight: usize,
     last_decrease: Option<Instant>,
+    /// Until the first overload: +1 per success instead of +1/limit.
+    slow_start: bool,
 }
 
 /// What a call's answer says about the account's capacity.
@@ -47,9 +57,10 @@ impl AimdLimiter {
         Self {
             max,
             state: Mutex::new(State {
-                limit: max as f64,
+                limit: max.min(INITIAL_LIMIT) as f64,
                 in_flight: 0,
                 last_decrease: None,
+                slow_start: true,
             }),
             freed: Notify::new(),
         }
@@ -89,8 +100,16 @@ impl AimdLimiter {
     fn record(&self, signal: Signal) {
         let mut s = self.lock();
         match signal {
-            Signal::Ok => s.limit = (s.limit + 1.0 / s.limit.max(1.0)).min(self.max as f64),
+            Signal::Ok => {
+                let step = if s.slow_start {
+                    1.0
+                } else {
+                    1.0 / s.limit.max(1.0)
+                };
+                s.limit = (s.limit + step).min(self.max as f64);
+            }
             Signal::Overloaded => {
+                s.slow_start = false;
                 let now = Instant::now();
                 if s.last_decrease
                     .is_none_or(|t| now.duration_since(t) >= DECREASE_COOLDOWN)
@@ -138,8 +157,32 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn starts_low_and_doubles_until_the_first_overload() {
+        let l = AimdLimiter::new(32);
+        assert_eq!(l.limit(), INITIAL_LIMIT);
+        for _ in 0..4 {
+            l.acquire().await.finish(Signal::Ok);
+        }
+        assert_eq!(l.limit(), 8, "one round of 4 successes doubles 4");
+        l.acquire().await.finish(Signal::Overloaded);
+        assert_eq!(l.limit(), 4);
+        for _ in 0..5 {
+            l.acquire().await.finish(Signal::Ok);
+        }
+        assert_eq!(
+            l.limit(),
+            5,
+            "after an overload, about one per limit's worth"
+        );
+        assert_eq!(AimdLimiter::new(2).limit(), 2, "never above --concurrency");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn halves_on_overload_once_per_cooldown_and_grows_back_slowly() {
         let l = AimdLimiter::new(32);
+        for _ in 0..28 {
+            l.acquire().await.finish(Signal::Ok);
+        }
         assert_eq!(l.limit(), 32);
         // A burst of 1303s from calls already in flight: one decrease.
         for _ in 0..5 {

@@ -5,6 +5,8 @@
 //! - [`codes`]: the one table that maps HTTP status + service code to a
 //!   [`crate::error::Disposition`].
 //! - [`limiter`]: the adaptive (AIMD) limit on calls in flight.
+//! - [`gate`]: suspends all calls on account errors and sustained outages
+//!   (circuit breaker), reopened by probes.
 //! - [`client`]: `POST /v1/videos/image-recognize` with retries (backon),
 //!   the single owner of retries for Kling calls.
 //!
@@ -13,6 +15,7 @@
 pub mod auth;
 pub mod client;
 pub mod codes;
+pub mod gate;
 pub mod limiter;
 
 pub use client::{KlingClient, Recognition, SegmentResult};

@@ -44,8 +44,10 @@ pub struct RandomFaults {
 /// Body of `POST /__sim/faults`: any subset of the fields.
 ///
 /// `{"push":[{"code":1302}], "random":{"rate":0.2,"pool":["drop_connection"]},
-///   "account_error":1101, "max_concurrency":4, "latency_ms":100, "expire_all":true}`;
-/// `"account_error":null` and `"max_concurrency":null` clear those switches.
+///   "account_error":1101, "max_concurrency":4, "max_rate":50, "latency_ms":100,
+///   "expire_all":true}`;
+/// `"account_error":null`, `"max_concurrency":null` and `"max_rate":null`
+/// clear those switches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultsUpdate {
@@ -67,6 +69,14 @@ pub struct FaultsUpdate {
         deserialize_with = "present"
     )]
     pub max_concurrency: Option<Option<usize>>,
+    /// Calls admitted per second before 1302; outer `None`: leave as is;
+    /// `Some(None)`: clear.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub max_rate: Option<Option<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -85,6 +95,9 @@ struct State {
     rng: fastrand::Rng,
     account_error: Option<u32>,
     max_concurrency: Option<usize>,
+    max_rate: Option<u32>,
+    /// The current one-second window of the rate limit: start, calls.
+    rate_window: (std::time::Instant, u32),
     /// Results issued before the current generation are expired.
     generation: u64,
 }
@@ -99,6 +112,8 @@ impl Faults {
                 rng: fastrand::Rng::with_seed(seed),
                 account_error: None,
                 max_concurrency: None,
+                max_rate: None,
+                rate_window: (std::time::Instant::now(), 0),
                 generation: 0,
             }),
         }
@@ -131,6 +146,26 @@ impl Faults {
     /// Calls beyond `n` in flight answer 1303; `None` lifts the limit.
     pub fn set_max_concurrency(&self, n: Option<usize>) {
         self.lock().max_concurrency = n;
+    }
+
+    /// Calls beyond `n` per second (a fixed one-second window) answer 1302;
+    /// `None` lifts the limit.
+    pub fn set_max_rate(&self, n: Option<u32>) {
+        self.lock().max_rate = n;
+    }
+
+    /// Count a call against the rate limit; false means "answer 1302".
+    pub(super) fn admit_rate(&self) -> bool {
+        let mut s = self.lock();
+        let Some(max) = s.max_rate else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        if now.duration_since(s.rate_window.0) >= Duration::from_secs(1) {
+            s.rate_window = (now, 0);
+        }
+        s.rate_window.1 += 1;
+        s.rate_window.1 <= max
     }
 
     /// Make every result URL issued so far expired.
@@ -181,6 +216,9 @@ impl Faults {
         }
         if let Some(n) = update.max_concurrency {
             self.set_max_concurrency(n);
+        }
+        if let Some(n) = update.max_rate {
+            self.set_max_rate(n);
         }
         if update.expire_all {
             self.expire_all_results();

@@ -466,6 +466,9 @@ impl Shared {
         if let Some(fault) = self.faults.next_queued() {
             return (Answer::fault(fault), None);
         }
+        if !self.faults.admit_rate() {
+            return (Answer::code(1302), None);
+        }
         let Some(slot) = self.admit() else {
             return (Answer::code(1303), None);
         };

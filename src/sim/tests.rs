@@ -356,6 +356,34 @@ async fn calls_beyond_the_concurrency_limit_get_1303() {
 }
 
 #[tokio::test]
+async fn calls_beyond_the_rate_limit_get_1302() {
+    let env = Env::new().await;
+    env.sim.faults().set_max_rate(Some(2));
+    let image = png_b64(400, 400);
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(env.recognize(&image).await.1["code"].as_u64());
+    }
+    assert_eq!(codes, [Some(0), Some(0), Some(1302)]);
+    env.sim.faults().set_max_rate(None);
+    assert_eq!(env.recognize(&image).await.0, 200);
+}
+
+#[tokio::test]
+async fn the_workers_probe_is_refused_by_parameter_and_never_billed() {
+    let env = Env::new().await;
+    // Auth and account are checked before parameters, as the worker's
+    // suspension probe assumes.
+    env.sim.faults().set_account_error(Some(1102));
+    let (status, body) = env.recognize("").await;
+    assert_eq!((status, body["code"].as_u64()), (429, Some(1102)));
+    env.sim.faults().set_account_error(None);
+    let (status, body) = env.recognize("").await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(1201)));
+    assert_eq!(env.sim.stats().billed_calls, 0);
+}
+
+#[tokio::test]
 async fn broken_responses_non_json_missing_data_and_dropped_connections() {
     let env = Env::new().await;
     let image = png_b64(400, 400);

@@ -27,6 +27,9 @@ pub const S3_AK: &str = "test-ak";
 pub const S3_SK: &str = "test-sk-0123456789";
 pub const KLING_AK: &str = "kling-test-ak";
 pub const KLING_SK: &str = "kling-test-sk";
+/// Short retry-queue delays, so tests of transient failures stay quick.
+pub const RETRY_DELAYS: &str = "1,2";
+pub const RETRY_DELAYS_SECS: [u64; 2] = [1, 2];
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| AMQP_URL.to_owned())
@@ -161,6 +164,12 @@ impl TestEnv {
         let queue = unique("t.kling.");
         let delivery_limit = 5;
         Topology::new(queue.clone(), delivery_limit)
+            .with_retry_delays(
+                RETRY_DELAYS_SECS
+                    .iter()
+                    .map(|s| Duration::from_secs(*s))
+                    .collect(),
+            )
             .declare(&channel)
             .await
             .expect("declare");
@@ -178,7 +187,12 @@ impl TestEnv {
     }
 
     pub fn topology(&self) -> Topology {
-        Topology::new(self.queue.clone(), self.delivery_limit)
+        Topology::new(self.queue.clone(), self.delivery_limit).with_retry_delays(
+            RETRY_DELAYS_SECS
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+        )
     }
 
     /// The worker configuration for this environment, built through the
@@ -194,6 +208,8 @@ impl TestEnv {
             "4",
             "--delivery-limit",
             &self.delivery_limit.to_string(),
+            "--retry-delays-secs",
+            RETRY_DELAYS,
             "--kling-base-url",
             &self.sim.base_url(),
             "--archive",
@@ -241,15 +257,15 @@ impl TestEnv {
         let pipeline = self.pipeline(&config, hooks);
         let (tx, rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(
-            Worker::new(Arc::new(config), pipeline)
-                .with_events(tx)
-                .run(shutdown.clone()),
-        );
+        let worker = Worker::new(Arc::new(config), pipeline.clone()).with_events(tx);
+        let status = worker.status();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
         RunningWorker {
             handle,
             events: rx,
             shutdown,
+            status,
+            pipeline,
         }
     }
 
@@ -354,13 +370,18 @@ impl TestEnv {
             .channel
             .queue_delete(t.dead_letter_queue().into(), QueueDeleteOptions::default())
             .await;
-        let _ = self
-            .channel
-            .exchange_delete(
-                t.dead_letter_exchange().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
+        for delay in &t.retry_delays {
+            let _ = self
+                .channel
+                .queue_delete(t.retry_queue(*delay).into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [t.dead_letter_exchange(), t.results_exchange()] {
+            let _ = self
+                .channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await;
+        }
         let _ = self.conn.close(200, "".into()).await;
         self.sim.shutdown();
     }
@@ -379,17 +400,20 @@ pub struct RunningWorker {
     pub handle: tokio::task::JoinHandle<Result<(), kling_archiver::broker::BrokerError>>,
     pub events: mpsc::UnboundedReceiver<JobEvent>,
     pub shutdown: CancellationToken,
+    /// What `/readyz` would say.
+    pub status: Arc<kling_archiver::ops::Status>,
+    pub pipeline: Arc<Pipeline>,
 }
 
 impl RunningWorker {
     /// Wait for `n` settled events (archived or dead-lettered), ignoring
-    /// requeues, with a deadline.
+    /// requeues and uncharged returns, with a deadline.
     pub async fn settled(&mut self, n: usize, within: Duration) -> Vec<JobEvent> {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + within;
         while out.len() < n {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(JobEvent::Requeued { .. })) => {}
+                Ok(Some(JobEvent::Requeued { .. } | JobEvent::Returned { .. })) => {}
                 Ok(Some(e)) => out.push(e),
                 Ok(None) => panic!("worker stopped; events so far: {out:?}"),
                 Err(_) => panic!(
@@ -461,4 +485,31 @@ pub async fn serve_files(files: Vec<(&'static str, Vec<u8>)>) -> String {
 
 pub fn result_hosts(sim: &SimHandle) -> Vec<HostPattern> {
     vec![HostPattern::parse(&sim.result_host()).expect("host")]
+}
+
+/// Check a manifest against the published schema, `docs/manifest.schema.json`.
+pub fn assert_manifest_schema(manifest: &[u8]) {
+    let errors = manifest_schema_errors(manifest);
+    assert!(
+        errors.is_empty(),
+        "manifest breaks docs/manifest.schema.json:\n{}\n{}",
+        errors.join("\n"),
+        String::from_utf8_lossy(manifest)
+    );
+}
+
+/// What the published schema says is wrong with a manifest.
+pub fn manifest_schema_errors(manifest: &[u8]) -> Vec<String> {
+    static VALIDATOR: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/manifest.schema.json"))
+                .expect("the schema is JSON");
+        jsonschema::validator_for(&schema).expect("the schema compiles")
+    });
+    let value: serde_json::Value = serde_json::from_slice(manifest).expect("manifest is JSON");
+    validator
+        .iter_errors(&value)
+        .map(|e| format!("{e} (at {})", e.instance_path()))
+        .collect()
 }

@@ -1,0 +1,238 @@
+//! `worker verify`: walk the manifests of an archive and check that every
+//! object each one names exists with the recorded size and SHA-256.
+//!
+//! By default every object is downloaded and hashed, which catches any
+//! change of content on any backend. `--quick` only reads metadata (size
+//! and the `sha256` metadata written with the object): cheap, and enough to
+//! catch deleted or replaced objects on S3, whose own checksum guards the
+//! bytes at rest.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::archive::manifest::Manifest;
+use crate::archive::{ObjectKey, Sha256, Store, StoreError};
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Only manifests archived on or after this day (`YYYY-MM-DD`).
+    pub since: Option<String>,
+    /// Metadata only: no download.
+    pub quick: bool,
+    pub progress: bool,
+}
+
+/// One problem found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub job_id: String,
+    pub key: String,
+    /// `missing`, `size_mismatch`, `sha256_mismatch`, `no_checksum`,
+    /// `unreadable_manifest`, `outside_archive`.
+    pub problem: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub archive: String,
+    pub manifests: usize,
+    pub skipped_before_since: usize,
+    pub objects_checked: usize,
+    pub bytes_checked: u64,
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    /// What a terminal user reads.
+    pub fn summary(&self, took: Duration) -> String {
+        let mut out = format!(
+            "{}: {} manifests, {} objects ({:.1} MB) checked in {:.1}s",
+            self.archive,
+            self.manifests,
+            self.objects_checked,
+            self.bytes_checked as f64 / 1e6,
+            took.as_secs_f64()
+        );
+        if self.skipped_before_since > 0 {
+            out.push_str(&format!(
+                ", {} manifests before --since skipped",
+                self.skipped_before_since
+            ));
+        }
+        if self.findings.is_empty() {
+            out.push_str("; all good");
+        } else {
+            out.push_str(&format!("; {} problems:", self.findings.len()));
+            for f in &self.findings {
+                out.push_str(&format!(
+                    "\n  {:<19} {}  (job {}) {}",
+                    f.problem, f.key, f.job_id, f.detail
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// An object a manifest vouches for.
+struct Expected {
+    key: String,
+    sha256: Sha256,
+    bytes: Option<u64>,
+}
+
+fn expected(m: &Manifest) -> Vec<Expected> {
+    let mut out = vec![
+        Expected {
+            key: m.source.key.clone(),
+            sha256: m.source.sha256,
+            bytes: Some(m.source.bytes),
+        },
+        Expected {
+            key: m.prepared.key.clone(),
+            sha256: m.prepared.sha256,
+            bytes: Some(m.prepared.bytes),
+        },
+    ];
+    for s in &m.segments {
+        if let (Some(key), Some(sha256)) = (&s.key, s.sha256) {
+            out.push(Expected {
+                key: key.clone(),
+                sha256,
+                bytes: s.bytes,
+            });
+        }
+    }
+    // An in-spec image is its own prepared image: check it once.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|e| seen.insert(e.key.clone()));
+    out
+}
+
+/// Walk every manifest under `jobs/` and check what it names.
+pub async fn run(store: &Store, opts: &Options) -> Result<Report, StoreError> {
+    let manifests: Vec<ObjectKey> = store
+        .list("jobs/")
+        .await?
+        .into_iter()
+        .filter(|k| k.as_str().ends_with("/manifest.json"))
+        .collect();
+    let bar = if opts.progress {
+        let bar = indicatif::ProgressBar::new(manifests.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} manifests  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut report = Report {
+        archive: store.describe(),
+        ..Report::default()
+    };
+    for key in manifests {
+        bar.inc(1);
+        let job_dir = key.as_str().trim_end_matches("/manifest.json");
+        let job_id = job_dir.trim_start_matches("jobs/").to_owned();
+        let finding = |key: &str, problem, detail: String| Finding {
+            job_id: job_id.clone(),
+            key: key.to_owned(),
+            problem,
+            detail,
+        };
+        let manifest: Manifest = match store.get(&key).await? {
+            None => continue, // deleted while we walked
+            Some(body) => match serde_json::from_slice(&body) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.findings.push(finding(
+                        &store.full_key(&key),
+                        "unreadable_manifest",
+                        e.to_string(),
+                    ));
+                    continue;
+                }
+            },
+        };
+        if let Some(since) = &opts.since
+            && manifest
+                .archived_at
+                .get(..10)
+                .is_some_and(|day| day < since.as_str())
+        {
+            report.skipped_before_since += 1;
+            continue;
+        }
+        report.manifests += 1;
+        for exp in expected(&manifest) {
+            let Some(obj) = store.relative_key(&exp.key) else {
+                report.findings.push(finding(
+                    &exp.key,
+                    "outside_archive",
+                    "the manifest names a key outside this archive".into(),
+                ));
+                continue;
+            };
+            report.objects_checked += 1;
+            if opts.quick {
+                match store.head(&obj).await? {
+                    None => report
+                        .findings
+                        .push(finding(&exp.key, "missing", String::new())),
+                    Some(info) => {
+                        report.bytes_checked += info.size;
+                        if exp.bytes.is_some_and(|b| b != info.size) {
+                            report.findings.push(finding(
+                                &exp.key,
+                                "size_mismatch",
+                                format!("{} bytes, manifest says {:?}", info.size, exp.bytes),
+                            ));
+                        } else if info.sha256().is_none() {
+                            report.findings.push(finding(
+                                &exp.key,
+                                "no_checksum",
+                                "no sha256 metadata; run without --quick".into(),
+                            ));
+                        } else if info.sha256() != Some(exp.sha256) {
+                            report.findings.push(finding(
+                                &exp.key,
+                                "sha256_mismatch",
+                                "metadata sha256 differs from the manifest".into(),
+                            ));
+                        }
+                    }
+                }
+            } else {
+                match store.get(&obj).await? {
+                    None => report
+                        .findings
+                        .push(finding(&exp.key, "missing", String::new())),
+                    Some(body) => {
+                        report.bytes_checked += body.len() as u64;
+                        let got = tokio::task::spawn_blocking(move || Sha256::of(&body))
+                            .await
+                            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+                        if got != exp.sha256 {
+                            report.findings.push(finding(
+                                &exp.key,
+                                "sha256_mismatch",
+                                format!("content hashes to {}", &got.hex()[..16]),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(report)
+}

@@ -1,0 +1,182 @@
+//! The metric catalogue: every metric the worker exports, its name, labels
+//! and meaning, in one place (documented in `docs/operations.md`).
+//!
+//! Metrics go through the `metrics` facade; [`install`] puts the Prometheus
+//! recorder behind it once per process. Without it (library use, most
+//! tests) every call here is a no-op.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::kling::gate::Cause;
+
+/// Messages settled, by `outcome` (`archived`, `already_archived`,
+/// `dead_lettered`, `requeued`, `returned`, `fatal`) and `code` (the
+/// failure's stable code, `none` on success).
+pub const JOBS: &str = "kling_archiver_jobs_total";
+/// Jobs being worked on right now.
+pub const JOBS_IN_FLIGHT: &str = "kling_archiver_jobs_in_flight";
+/// Kling recognize calls by answer `code` (`ok`, `kling_1303`, …), probes
+/// included.
+pub const KLING_CALLS: &str = "kling_archiver_kling_calls_total";
+/// The adaptive (AIMD) limit on Kling calls in flight.
+pub const KLING_LIMIT: &str = "kling_archiver_kling_adaptive_limit";
+/// 1 while the worker is suspended, by `cause` (`account`, `outage`).
+pub const SUSPENDED: &str = "kling_archiver_suspended";
+/// Kling `final_unit_deduction`, summed, in thousandths of a unit.
+pub const COST: &str = "kling_archiver_cost_milliunits_total";
+
+/// Seconds per job stage, by `stage` (`fetch`, `prepare`, `kling`,
+/// `archive`); the `kling` stage includes retries and waiting for a permit.
+pub const STAGE_SECONDS: &str = "kling_archiver_stage_seconds";
+/// Segment PNG bytes downloaded from Kling and stored.
+pub const ARCHIVED_BYTES: &str = "kling_archiver_archived_bytes_total";
+/// Stored recognitions whose result URLs had expired, recognized again.
+pub const RESULTS_EXPIRED: &str = "kling_archiver_results_expired_total";
+/// 1 while the archive answered the last reachability check.
+pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
+
+const STAGE_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the Prometheus recorder (once per process) and return the handle
+/// that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), STAGE_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed already; then the
+            // handle renders an empty page, which the caller can see.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(JOBS, "Messages settled, by outcome and code");
+    describe_gauge!(JOBS_IN_FLIGHT, "Jobs being worked on right now");
+    describe_counter!(KLING_CALLS, "Kling recognize calls by answer code");
+    describe_gauge!(KLING_LIMIT, "Adaptive limit on Kling calls in flight");
+    describe_gauge!(SUSPENDED, "1 while the worker is suspended, by cause");
+    describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Seconds per job stage");
+    describe_counter!(ARCHIVED_BYTES, Unit::Bytes, "Segment PNG bytes stored");
+    describe_gauge!(STORE_REACHABLE, "1 while the archive answers");
+    describe_counter!(
+        RESULTS_EXPIRED,
+        "Stored recognitions whose results expired, recognized again"
+    );
+    describe_counter!(
+        COST,
+        Unit::Count,
+        "Kling final_unit_deduction summed, in thousandths of a unit"
+    );
+}
+
+pub fn job(outcome: &'static str, code: &'static str) {
+    counter!(JOBS, "outcome" => outcome, "code" => code).increment(1);
+}
+
+pub fn jobs_in_flight(delta: f64) {
+    gauge!(JOBS_IN_FLIGHT).increment(delta);
+}
+
+pub fn kling_call(code: &'static str) {
+    counter!(KLING_CALLS, "code" => code).increment(1);
+}
+
+pub fn kling_limit(limit: usize) {
+    gauge!(KLING_LIMIT).set(limit as f64);
+}
+
+pub fn suspended(cause: Option<Cause>) {
+    for c in [Cause::Account, Cause::Outage] {
+        let on = if cause == Some(c) { 1.0 } else { 0.0 };
+        gauge!(SUSPENDED, "cause" => c.as_str()).set(on);
+    }
+}
+
+pub fn archived_bytes(n: usize) {
+    counter!(ARCHIVED_BYTES).increment(n as u64);
+}
+
+pub fn results_expired() {
+    counter!(RESULTS_EXPIRED).increment(1);
+}
+
+pub fn store_reachable(ok: bool) {
+    gauge!(STORE_REACHABLE).set(if ok { 1.0 } else { 0.0 });
+}
+
+/// Times one stage of a job; recorded by [`StageTimer::stop`] (a failed
+/// stage, which returns early, is not recorded).
+pub struct StageTimer {
+    stage: &'static str,
+    started: std::time::Instant,
+}
+
+impl StageTimer {
+    pub fn start(stage: &'static str) -> Self {
+        Self {
+            stage,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn stop(self) {
+        histogram!(STAGE_SECONDS, "stage" => self.stage)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Add a `final_unit_deduction` ("1", "0.5", "12.125").
+pub fn cost(units: &str) {
+    if let Some(milli) = milliunits(units) {
+        counter!(COST).increment(milli);
+    }
+}
+
+/// A decimal string in thousandths, rounded down; `None` if unreadable.
+fn milliunits(units: &str) -> Option<u64> {
+    let units = units.trim();
+    let (whole, frac) = units.split_once('.').unwrap_or((units, ""));
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    if !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let frac: String = frac.chars().chain("000".chars()).take(3).collect();
+    whole.checked_mul(1000)?.checked_add(frac.parse().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milliunits_reads_decimal_strings() {
+        assert_eq!(milliunits("1"), Some(1000));
+        assert_eq!(milliunits("0.5"), Some(500));
+        assert_eq!(milliunits("12.1259"), Some(12125));
+        assert_eq!(milliunits(".25"), Some(250));
+        assert_eq!(milliunits("-1"), None);
+        assert_eq!(milliunits("1e3"), None);
+        assert_eq!(milliunits(""), Some(0));
+    }
+}

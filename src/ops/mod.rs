@@ -1,0 +1,164 @@
+//! What ops look at: the metric catalogue ([`metrics`]) and the HTTP
+//! listener that serves `/metrics`, `/healthz` and `/readyz`.
+//!
+//! - `/healthz`: 200 while the process serves HTTP (liveness).
+//! - `/readyz`: 200 only while the worker consumes, is not draining and is
+//!   not suspended; otherwise 503 with the reason as JSON.
+//! - `/metrics`: Prometheus text format.
+
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::kling::gate::Suspension;
+
+/// The worker's state as readiness sees it. Shared by the broker (which
+/// sets it) and the HTTP listener (which reads it).
+#[derive(Debug)]
+pub struct Status {
+    consuming: AtomicBool,
+    draining: AtomicBool,
+    store_ok: AtomicBool,
+    gate: watch::Receiver<Option<Suspension>>,
+}
+
+/// Why the worker is not ready.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NotReady {
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+}
+
+impl Status {
+    pub fn new(gate: watch::Receiver<Option<Suspension>>) -> Self {
+        Self {
+            consuming: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            store_ok: AtomicBool::new(true),
+            gate,
+        }
+    }
+
+    pub fn set_consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_store_reachable(&self, ok: bool) {
+        self.store_ok.store(ok, Ordering::SeqCst);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready to take jobs.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(NotReady {
+                reason: "draining",
+                code: None,
+                action: None,
+            });
+        }
+        if let Some(s) = self.gate.borrow().as_ref() {
+            return Err(NotReady {
+                reason: match s.cause {
+                    crate::kling::gate::Cause::Account => "suspended: Kling refuses the account",
+                    crate::kling::gate::Cause::Outage => "suspended: Kling outage (circuit open)",
+                },
+                code: Some(s.code),
+                action: Some(s.advice),
+            });
+        }
+        if !self.store_ok.load(Ordering::SeqCst) {
+            return Err(NotReady {
+                reason: "archive unreachable",
+                code: None,
+                action: Some("check ARCHIVE_URL, the S3 endpoint and credentials"),
+            });
+        }
+        if !self.consuming.load(Ordering::SeqCst) {
+            return Err(NotReady {
+                reason: "not consuming",
+                code: None,
+                action: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Ops {
+    status: Arc<Status>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Bind `addr` and serve until `stop`. Returns the bound address (useful
+/// with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    status: Arc<Status>,
+    metrics: Option<PrometheusHandle>,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .with_state(Ops { status, metrics });
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "ops HTTP listener failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn readyz(State(ops): State<Ops>) -> Response {
+    match ops.status.readiness() {
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"ready": true})),
+        )
+            .into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"ready": false, "why": why})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_page(State(ops): State<Ops>) -> Response {
+    match &ops.metrics {
+        Some(h) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
+}

@@ -1,0 +1,225 @@
+//! The deploy files cannot be run here (no Docker engine, no cluster), so
+//! they are checked against the binary: every variable they set is one the
+//! worker reads, probes hit the paths and port the worker serves, the grace
+//! period covers the shutdown timeout, and the RabbitMQ definitions declare
+//! exactly the topology the worker declares.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use clap::CommandFactory;
+use kling_archiver::broker::Topology;
+use kling_archiver::config::Cli;
+use serde_yaml_ng::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn yaml_docs(rel: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .collect()
+}
+
+/// Every environment variable the binary reads.
+fn known_env() -> BTreeSet<String> {
+    fn walk(cmd: &clap::Command, out: &mut BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&Cli::command(), &mut out);
+    // Read outside clap: secrets (and their *_FILE forms), the AWS SDK's
+    // standard variables, the log filter.
+    for v in [
+        "KLING_ACCESS_KEY",
+        "KLING_SECRET_KEY",
+        "KLING_ACCESS_KEY_FILE",
+        "KLING_SECRET_KEY_FILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "RUST_LOG",
+    ] {
+        out.insert(v.into());
+    }
+    out
+}
+
+fn get<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(v, |v, k| &v[*k])
+}
+
+#[test]
+fn the_kubernetes_deployment_matches_the_binary() {
+    let docs = yaml_docs("deploy/k8s/deployment.yaml");
+    let d = &docs[0];
+    assert_eq!(d["kind"], "Deployment");
+    let pod = get(d, &["spec", "template", "spec"]);
+    let c = &pod["containers"][0];
+    let known = known_env();
+    let mut env = std::collections::BTreeMap::new();
+    for e in c["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(known.contains(name), "the worker does not read {name}");
+        if let Some(v) = e["value"].as_str() {
+            env.insert(name.to_owned(), v.to_owned());
+        }
+    }
+    // Probes hit what the ops listener serves, on its port.
+    assert_eq!(get(c, &["livenessProbe", "httpGet", "path"]), "/healthz");
+    assert_eq!(get(c, &["readinessProbe", "httpGet", "path"]), "/readyz");
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+    assert!(env["HTTP_ADDR"].ends_with(&format!(":{port}")));
+    // SIGKILL comes after the shutdown timeout, with margin.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let shutdown: u64 = env["SHUTDOWN_TIMEOUT_SECS"].parse().unwrap();
+    assert!(
+        grace >= shutdown + 15,
+        "grace {grace}s vs shutdown {shutdown}s"
+    );
+    // Every flag value the Deployment sets parses.
+    let mut args = vec!["worker".to_owned()];
+    for (k, v) in &env {
+        if let Some(flag) = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == k.as_str()))
+            .and_then(|a| a.get_long())
+        {
+            args.push(format!("--{flag}={v}"));
+        }
+    }
+    if let Err(e) = <Cli as clap::Parser>::try_parse_from(&args) {
+        panic!("{args:?}: {e}");
+    }
+    // Secrets only as Secret references or mounted files.
+    for e in c["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if name == "AMQP_URL" || name == "KLING_SECRET_KEY" || name == "KLING_ACCESS_KEY" {
+            assert!(e["value"].is_null(), "{name} must come from a Secret");
+        }
+    }
+}
+
+#[test]
+fn keda_scales_the_deployment_on_the_job_queue() {
+    let docs = yaml_docs("deploy/k8s/keda-scaledobject.yaml");
+    let so = docs.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
+    assert_eq!(
+        get(so, &["spec", "scaleTargetRef", "name"]),
+        "kling-archiver"
+    );
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "rabbitmq");
+    assert_eq!(
+        trigger["metadata"]["queueName"],
+        kling_archiver::config::DEFAULT_QUEUE
+    );
+    let auth = trigger["authenticationRef"]["name"].as_str().unwrap();
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "TriggerAuthentication" && d["metadata"]["name"] == auth)
+    );
+    let secret = &yaml_docs("deploy/k8s/secret.example.yaml")[0];
+    for d in &docs {
+        if let Some(refs) = d["spec"]["secretTargetRef"].as_sequence() {
+            for r in refs {
+                let key = r["key"].as_str().unwrap();
+                assert!(!secret["stringData"][key].is_null(), "secret key {key}");
+            }
+        }
+    }
+}
+
+#[test]
+fn compose_uses_only_variables_the_worker_reads() {
+    let docs = yaml_docs("deploy/compose.yaml");
+    let c = &docs[0];
+    let known = known_env();
+    for svc in ["rabbitmq", "s3", "sim", "worker"] {
+        assert!(!c["services"][svc].is_null(), "service {svc}");
+    }
+    for svc in ["worker", "sim", "enqueue"] {
+        let env = c["services"][svc]["environment"].as_mapping().unwrap();
+        for (k, _) in env {
+            let k = k.as_str().unwrap();
+            assert!(known.contains(k), "{svc}: the worker does not read {k}");
+        }
+    }
+    // The definitions file it mounts exists.
+    assert!(root().join("deploy/rabbitmq/definitions.json").exists());
+}
+
+#[test]
+fn rabbitmq_definitions_declare_the_workers_topology() {
+    let text = std::fs::read_to_string(root().join("deploy/rabbitmq/definitions.json")).unwrap();
+    let defs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let t = Topology::new(kling_archiver::config::DEFAULT_QUEUE, 10);
+    let queue = |name: &str| {
+        defs["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == name)
+            .unwrap_or_else(|| panic!("queue {name}"))
+            .clone()
+    };
+    let as_json = |args: &lapin::types::FieldTable| -> serde_json::Value {
+        args.inner()
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    lapin::types::AMQPValue::LongString(s) => serde_json::json!(s.to_string()),
+                    lapin::types::AMQPValue::LongInt(n) => serde_json::json!(n),
+                    lapin::types::AMQPValue::LongLongInt(n) => serde_json::json!(n),
+                    other => panic!("{other:?}"),
+                };
+                (k.to_string(), v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    assert_eq!(
+        queue(&t.queue)["arguments"],
+        as_json(&t.job_queue_arguments())
+    );
+    assert_eq!(
+        queue(&t.dead_letter_queue())["arguments"],
+        as_json(&t.dead_queue_arguments())
+    );
+    for delay in &t.retry_delays {
+        assert_eq!(
+            queue(&t.retry_queue(*delay))["arguments"],
+            as_json(&t.retry_queue_arguments(*delay))
+        );
+    }
+    assert_eq!(
+        defs["queues"].as_array().unwrap().len(),
+        2 + t.retry_delays.len()
+    );
+    let exchange = |name: &str| {
+        defs["exchanges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("exchange {name}"))
+            .clone()
+    };
+    assert_eq!(exchange(&t.dead_letter_exchange())["type"], "direct");
+    assert_eq!(exchange(&t.results_exchange())["type"], "fanout");
+    assert_eq!(exchange(&t.results_exchange())["durable"], true);
+    let b = &defs["bindings"][0];
+    assert_eq!(b["source"], t.dead_letter_exchange());
+    assert_eq!(b["destination"], t.dead_letter_queue());
+    assert_eq!(b["routing_key"], t.queue.as_str());
+}
