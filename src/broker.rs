@@ -26,7 +26,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use secrecy::ExposeSecret;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -491,7 +491,14 @@ impl Worker {
             Err(e) => return SessionEnd::Failed(e),
         };
         held.consume = Some(consume_ch.clone());
+        // Whether this session's consumer is live (see `return_uncharged`).
+        let (consuming, consuming_rx) = watch::channel(false);
+        let set_consuming = |on: bool| {
+            self.status.set_consuming(on);
+            consuming.send_replace(on);
+        };
         let settler = Arc::new(Settler {
+            consuming: consuming_rx,
             publish: publish_ch,
             topology: topology.clone(),
             events: self.events.clone(),
@@ -509,7 +516,7 @@ impl Worker {
                 Err(e) => return SessionEnd::Failed(e),
             }
         }
-        self.status.set_consuming(consumer.is_some());
+        set_consuming(consumer.is_some());
         tracing::info!(
             queue = topology.queue,
             concurrency = cfg.concurrency,
@@ -534,14 +541,14 @@ impl Worker {
                         if let Some(c) = consumer.take() {
                             bounded(consume_ch.basic_cancel(c.tag(), BasicCancelOptions::default())).await;
                             cancelled.push(c);
-                            self.status.set_consuming(false);
+                            set_consuming(false);
                             tracing::warn!(in_flight = tasks.len(), "suspended: stopped consuming; in-flight jobs go back to the queue");
                         }
                     } else if consumer.is_none() {
                         match consume(&consume_ch, topology).await {
                             Ok(c) => {
                                 consumer = Some(c);
-                                self.status.set_consuming(true);
+                                set_consuming(true);
                                 tracing::info!("resumed: consuming again");
                             }
                             Err(e) => break SessionEnd::Failed(e),
@@ -818,6 +825,8 @@ async fn handle(
 
 /// Publishes dead letters and holds transient failures.
 struct Settler {
+    /// Whether the session's consumer is live.
+    consuming: watch::Receiver<bool>,
     publish: Channel,
     topology: Topology,
     events: Option<mpsc::UnboundedSender<JobEvent>>,
@@ -1007,6 +1016,11 @@ impl Settler {
         charged: u32,
         code: &'static str,
     ) -> Handled {
+        // The gate just closed and the session is cancelling its consumer.
+        // A copy put back before the cancel lands would come straight back
+        // to this worker, be returned again, and churn until it does.
+        let mut consuming = self.consuming.clone();
+        let _ = tokio::time::timeout(CONSUMER_CANCEL_WAIT, consuming.wait_for(|on| !on)).await;
         let confirmed = self
             .republish(delivery, &self.topology.queue, charged)
             .await;
@@ -1029,6 +1043,9 @@ impl Settler {
         Handled::Settled
     }
 }
+
+/// How long a returned job waits for the session to stop consuming.
+const CONSUMER_CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// What earlier copies of this message were charged (see
 /// [`HEADER_PRIOR_DELIVERIES`]).

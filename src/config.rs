@@ -70,6 +70,22 @@ pub enum Command {
     /// Check an archive: every object each manifest names exists with the
     /// recorded size and SHA-256. Exits 1 on any problem.
     Verify(VerifyArgs),
+    /// Write one self-contained HTML page of an archive: each job's source
+    /// thumbnail with its segment masks overlaid, labels, transforms, cost.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Only jobs archived on or after this day (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many jobs, the newest.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Where to write the page.
+    #[arg(long, default_value = "report.html")]
+    pub out: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -59,11 +59,47 @@ pub fn samples() -> Vec<Sample> {
             bytes: encode(&scene(600, 600, 5), image::ImageFormat::WebP),
         },
         Sample {
+            job_id: "demo-rotated",
+            what: "phone photo stored sideways (EXIF orientation 6): turned upright",
+            bytes: with_exif_orientation(
+                &encode(
+                    &image::DynamicImage::ImageRgb8(scene(480, 640, 6))
+                        .rotate270()
+                        .into_rgb8(),
+                    image::ImageFormat::Jpeg,
+                ),
+                6,
+            ),
+        },
+        Sample {
             job_id: "demo-broken",
             what: "a truncated JPEG: dead-lettered",
             bytes: broken_jpeg(),
         },
     ]
+}
+
+/// Insert an APP1 Exif segment holding only `Orientation = orientation`
+/// right after the SOI marker of `jpeg`.
+pub fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"MM\0\x2A"); // big-endian TIFF header
+    tiff.extend_from_slice(&8u32.to_be_bytes()); // first IFD right after it
+    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+    tiff.extend_from_slice(&[0, orientation, 0, 0]); // value, padded
+    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    let payload: Vec<u8> = b"Exif\0\0".iter().chain(&tiff).copied().collect();
+    let len = u16::try_from(payload.len() + 2).unwrap();
+
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(&jpeg[2..]);
+    out
 }
 
 /// A simple scene: a gradient background and a coloured "subject" with a
@@ -236,6 +272,35 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
 
     print_summary(&samples, &events, &store, &sim).await;
     sim.shutdown();
+
+    // A picture of it: every job, its masks on the source.
+    let failed = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::DeadLettered {
+                job_id: Some(job_id),
+                code,
+                reason,
+                ..
+            } => Some(crate::report::FailedJob {
+                job_id: job_id.clone(),
+                code: (*code).to_owned(),
+                reason: reason.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let opts = crate::report::Options {
+        failed,
+        ..crate::report::Options::default()
+    };
+    let written = crate::report::write(&store, &opts, &out.join("report.html"))
+        .await
+        .context("writing the HTML report")?;
+    println!(
+        "Report: {} (open it in a browser: sources with their masks overlaid).",
+        written.path.display()
+    );
     Ok(())
 }
 

@@ -17,6 +17,7 @@ pub mod kling;
 pub mod ops;
 pub mod pipeline;
 pub mod prepare;
+pub mod report;
 pub mod sim;
 pub mod telemetry;
 

@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Enqueue(args)) => enqueue(&cli.worker, args).await,
         Some(Command::Dlq(args)) => dlq(&cli.worker, args).await,
         Some(Command::Verify(args)) => verify(&cli.worker, args).await,
+        Some(Command::Report(args)) => report(&cli.worker, args).await,
         Some(Command::Sim(args)) => {
             let cfg = match sim_config(&args) {
                 Ok(c) => c,
@@ -163,20 +164,62 @@ async fn dlq(
     }
 }
 
+/// The archive named by `--archive` / `ARCHIVE_URL`.
+async fn open_archive(
+    worker: &kling_archiver::config::WorkerArgs,
+) -> Result<kling_archiver::archive::Store, ExitCode> {
+    let target =
+        kling_archiver::archive::ArchiveTarget::parse(&worker.archive_url).map_err(|e| {
+            eprintln!("error: ARCHIVE_URL: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    let s3 = kling_archiver::s3_client(worker.s3_force_path_style).await;
+    Ok(kling_archiver::archive::Store::open(&target, &s3))
+}
+
+async fn report(
+    worker: &kling_archiver::config::WorkerArgs,
+    args: kling_archiver::config::ReportArgs,
+) -> ExitCode {
+    use kling_archiver::report;
+    let store = match open_archive(worker).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let opts = report::Options {
+        since: args.since,
+        limit: args.limit,
+        failed: Vec::new(),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let started = std::time::Instant::now();
+    match report::write(&store, &opts, &args.out).await {
+        Ok(w) => {
+            println!(
+                "wrote {} ({} jobs, {:.1} MB) in {:.1}s",
+                w.path.display(),
+                w.summary.jobs,
+                w.bytes as f64 / 1e6,
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 async fn verify(
     worker: &kling_archiver::config::WorkerArgs,
     args: kling_archiver::config::VerifyArgs,
 ) -> ExitCode {
     use kling_archiver::admin::verify;
-    let target = match kling_archiver::archive::ArchiveTarget::parse(&worker.archive_url) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: ARCHIVE_URL: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let store = match open_archive(worker).await {
+        Ok(s) => s,
+        Err(code) => return code,
     };
-    let s3 = kling_archiver::s3_client(worker.s3_force_path_style).await;
-    let store = kling_archiver::archive::Store::open(&target, &s3);
     let opts = verify::Options {
         since: args.since,
         quick: args.quick,

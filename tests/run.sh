@@ -33,6 +33,21 @@ if command -v rabbitmqctl >/dev/null 2>&1; then
     | while read -r q; do rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
 fi
 
+# The report tests render pages in Debian's Chromium (headless).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "Chromium is missing; installing Debian's chromium for the report tests…"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q chromium >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; } \
+    || true
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "error: Chromium is required for the report tests and could not be installed ('apt-get install chromium')." >&2
+  exit 1
+fi
+
 # Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
 # logins; the tests' own connections then fail fast with a clear message.
 cargo test --all-targets --locked "$@"

@@ -193,6 +193,19 @@ fn orient_forward(exif: u8, [w, h]: [u32; 2], (x, y): (f64, f64)) -> (f64, f64) 
     }
 }
 
+/// Width and height of a source stored as `stored` once its EXIF
+/// orientation is applied (as a browser or viewer shows it).
+pub fn displayed_dims(exif: u8, [w, h]: [u32; 2]) -> [u32; 2] {
+    if swaps_axes(exif) { [h, w] } else { [w, h] }
+}
+
+/// Displayed (EXIF-oriented) coordinates -> stored coordinates of a source
+/// stored as `stored`: compose with [`TransformRecord::to_prepared`] to
+/// find where a point of the upright source landed in the prepared image.
+pub fn displayed_to_stored(exif: u8, stored: [u32; 2], p: (f64, f64)) -> (f64, f64) {
+    orient_inverse(exif, stored, p)
+}
+
 /// Displayed grid -> stored grid (`W x H` are the stored dimensions).
 fn orient_inverse(exif: u8, [w, h]: [u32; 2], (u, v): (f64, f64)) -> (f64, f64) {
     let (w, h) = (f64::from(w), f64::from(h));

@@ -19,10 +19,12 @@ mod fix;
 mod geometry;
 mod probe;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 pub use check::{Violation, check};
-pub use geometry::{Margins, Plan, Transform, TransformRecord, plan};
+pub use geometry::{
+    Margins, Plan, Transform, TransformRecord, displayed_dims, displayed_to_stored, plan,
+};
 pub use probe::{Probe, SourceFormat, probe};
 
 use crate::error::{Classify, Disposition};
