@@ -9,6 +9,7 @@
 //! where they are.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -21,6 +22,9 @@ use crate::broker::{
     BrokerError, HEADER_FAILED_AT, HEADER_JOB_ID, HEADER_PRIOR_DELIVERIES, HEADER_REASON,
     HEADER_REASON_CODE, Topology, headers_for_copy, publish_confirmed,
 };
+
+/// How long `dlq` waits for the dead letters it looked at to be ready again.
+const RETURN_WAIT: Duration = Duration::from_secs(10);
 
 /// One reason's share of the dead-letter queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -122,6 +126,7 @@ impl Session {
         // channel, so one pass sees each message once. They are handed back
         // explicitly at the end (see `return_kept`).
         let mut last_kept = None;
+        let mut kept = 0u32;
         while let Some(msg) = self
             .ch
             .basic_get(queue.clone().into(), BasicGetOptions::default())
@@ -129,7 +134,10 @@ impl Session {
             .map_err(amqp)?
         {
             match visit(&msg) {
-                Action::Keep => last_kept = Some(msg.delivery.delivery_tag),
+                Action::Keep => {
+                    last_kept = Some(msg.delivery.delivery_tag);
+                    kept += 1;
+                }
                 Action::Drop => {
                     msg.delivery
                         .ack(BasicAckOptions::default())
@@ -140,19 +148,19 @@ impl Session {
             }
         }
         if let Some(tag) = last_kept {
-            self.return_kept(&queue, tag).await?;
+            self.return_kept(&queue, tag, kept).await?;
         }
         Ok(())
     }
 
-    /// Requeue every message this channel still holds, and return only once
-    /// the queue has them back. Closing the channel would also return them,
-    /// but the broker does that asynchronously after the close: a `dlq
-    /// replay` run straight after `dlq list` could find the queue empty.
-    /// A nack followed by a passive declare on the same channel reaches the
-    /// queue in that order, so when the declare answers the messages are
-    /// ready again.
-    async fn return_kept(&self, queue: &str, last_tag: u64) -> Result<(), DlqError> {
+    /// Requeue the `kept` messages this channel still holds, and return only
+    /// once the queue shows them ready again. Closing the channel would
+    /// also return them, but asynchronously: the dead-letter queue is a
+    /// quorum queue, which applies a return through its Raft log, so a
+    /// `dlq replay` run straight after `dlq list` could find it empty. The
+    /// ready count is polled (briefly; nothing else consumes dead letters)
+    /// until it covers what was kept.
+    async fn return_kept(&self, queue: &str, last_tag: u64, kept: u32) -> Result<(), DlqError> {
         self.ch
             .basic_nack(
                 last_tag,
@@ -163,18 +171,34 @@ impl Session {
             )
             .await
             .map_err(amqp)?;
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp)?;
-        Ok(())
+        let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+        loop {
+            let ready = self
+                .ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp)?
+                .message_count();
+            if ready >= kept {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    ready,
+                    kept,
+                    "dead letters are still being returned to the queue"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn replay_one(&self, msg: &lapin::message::BasicGetMessage) -> Result<(), DlqError> {

@@ -213,9 +213,9 @@ fn job_card(h: &mut String, card: &Card) {
     );
     match &card.body {
         CardBody::Failed { code, reason } => {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<p class=\"problem\">Dead-lettered <code>{}</code>: {}</p>\n",
+                "<p class=\"problem\">Dead-lettered <code>{}</code>: {}</p>",
                 esc(code),
                 esc(reason)
             );
@@ -275,7 +275,7 @@ fn job_card(h: &mut String, card: &Card) {
                 .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let _ = write!(
+            let _ = writeln!(
                 h,
                 "<dl class=\"meta\">\
                  <dt>Labels</dt><dd>{labels}</dd>\
@@ -285,7 +285,7 @@ fn job_card(h: &mut String, card: &Card) {
                  <dt>Cost</dt><dd>{cost}</dd>\
                  <dt>Request</dt><dd><code>{request}</code></dd>\
                  <dt>Archived</dt><dd>{at}</dd>\
-                 </dl>\n",
+                 </dl>",
                 labels = if labels.is_empty() {
                     "–".into()
                 } else {
