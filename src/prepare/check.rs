@@ -1,7 +1,7 @@
 //! The input-spec check: which rules of a [`Spec`] a probed image breaks.
 //! Part of `prepare`; pure, and knows nothing about RabbitMQ, S3 or HTTP.
 
-use super::{Probe, SourceFormat, Spec};
+use super::{ColourModel, Probe, SourceFormat, Spec};
 
 /// One broken rule of the input spec.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -18,6 +18,9 @@ pub enum Violation {
     /// EXIF orientation other than 1: the API would see the stored pixels,
     /// not the image as displayed.
     Orientation { exif: u8 },
+    /// CMYK or more than 8 bits per channel: valid JPEG / PNG, but not
+    /// what the API (or most decoders) expect; converted to 8-bit sRGB.
+    Colour { model: ColourModel },
 }
 
 /// Every rule `probe` breaks; empty means the bytes can be sent as they are.
@@ -54,6 +57,11 @@ pub fn check(probe: &Probe, spec: &Spec) -> Vec<Violation> {
             exif: probe.orientation,
         });
     }
+    if probe.colour != ColourModel::Standard {
+        out.push(Violation::Colour {
+            model: probe.colour,
+        });
+    }
     out
 }
 
@@ -76,6 +84,7 @@ mod tests {
             height,
             bytes,
             orientation,
+            colour: ColourModel::Standard,
         }
     }
 

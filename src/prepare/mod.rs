@@ -25,7 +25,7 @@ pub use check::{Violation, check};
 pub use geometry::{
     Margins, Plan, Transform, TransformRecord, displayed_dims, displayed_to_stored, plan,
 };
-pub use probe::{Probe, SourceFormat, probe};
+pub use probe::{ColourModel, Probe, SourceFormat, probe};
 
 use crate::error::{Classify, Disposition};
 

@@ -78,6 +78,34 @@ impl SourceFormat {
     }
 }
 
+/// How the file stores its pixels, from the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColourModel {
+    /// 8 bits per channel or fewer: grey, palette, RGB, RGBA.
+    #[default]
+    Standard,
+    /// CMYK (print workflows): many decoders get its colours wrong.
+    Cmyk,
+    /// More than 8 bits per channel (16-bit PNG, float TIFF).
+    HighBitDepth,
+}
+
+impl ColourModel {
+    fn of(colour: image::ExtendedColorType) -> Self {
+        use image::ExtendedColorType as E;
+        match colour {
+            E::Cmyk8 | E::Cmyk16 => ColourModel::Cmyk,
+            c if c.channel_count() > 0
+                && c.bits_per_pixel() > 8 * u16::from(c.channel_count()) =>
+            {
+                ColourModel::HighBitDepth
+            }
+            _ => ColourModel::Standard,
+        }
+    }
+}
+
 /// What the header says about an image. `width` and `height` are the
 /// stored (un-rotated) dimensions; `orientation` is the EXIF value, 1..=8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -87,6 +115,8 @@ pub struct Probe {
     pub height: u32,
     pub bytes: u64,
     pub orientation: u8,
+    #[serde(default)]
+    pub colour: ColourModel,
 }
 
 /// Read format, dimensions and EXIF orientation from the header only.
@@ -111,7 +141,7 @@ pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
         _ => data,
     };
 
-    let (width, height, orientation) = guard_panic(|| {
+    let (width, height, orientation, colour) = guard_panic(|| {
         let mut reader = ImageReader::with_format(Cursor::new(header), image_format);
         let mut limits = image::Limits::no_limits();
         limits.max_alloc = Some(PROBE_METADATA_ALLOC);
@@ -120,7 +150,11 @@ pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
         let (width, height) = decoder.dimensions();
         // A damaged EXIF block must not sink an otherwise good image.
         let orientation = decoder.orientation().map_or(1, |o| o.to_exif());
-        Ok((width, height, orientation))
+        let colour = match format {
+            SourceFormat::Jpeg => jpeg_colour(header),
+            _ => ColourModel::of(decoder.original_color_type()),
+        };
+        Ok((width, height, orientation, colour))
     })?;
     if width == 0 || height == 0 {
         return Err(PrepareError::Undecodable {
@@ -133,6 +167,7 @@ pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
         height,
         bytes: data.len() as u64,
         orientation,
+        colour,
     })
 }
 
@@ -173,6 +208,34 @@ fn truncated(reason: &str) -> PrepareError {
 /// first start-of-scan (SOS) segment, or `None` if no scan starts. Stray
 /// bytes between segments are skipped, as libjpeg does.
 fn jpeg_header_len(data: &[u8]) -> Option<usize> {
+    walk_jpeg_header(data, |_, _| {})
+}
+
+/// The colour model of a JPEG from its frame header (SOFn): four
+/// components are CMYK (or YCCK), a 12- or 16-bit precision is deep.
+/// `image` converts both silently, so the probe reads the marker itself.
+fn jpeg_colour(data: &[u8]) -> ColourModel {
+    let mut model = ColourModel::Standard;
+    walk_jpeg_header(data, |marker, payload| {
+        let sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if let (true, Some(&precision), Some(&components)) = (sof, payload.first(), payload.get(5))
+        {
+            model = if components == 4 {
+                ColourModel::Cmyk
+            } else if precision > 8 {
+                ColourModel::HighBitDepth
+            } else {
+                ColourModel::Standard
+            };
+        }
+    });
+    model
+}
+
+/// Visit a JPEG's marker segments (`seen(marker, payload)`) up to and
+/// including the first SOS; returns the header's length as
+/// [`jpeg_header_len`] does.
+fn walk_jpeg_header(data: &[u8], mut seen: impl FnMut(u8, &[u8])) -> Option<usize> {
     if data.get(..2)? != [0xFF, 0xD8] {
         return None;
     }
@@ -193,6 +256,7 @@ fn jpeg_header_len(data: &[u8]) -> Option<usize> {
                     return None;
                 }
                 let end = at + len;
+                seen(marker, data.get(at + 2..end.min(data.len()))?);
                 if marker == 0xDA {
                     return (end <= data.len()).then_some(end);
                 }

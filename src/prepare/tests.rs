@@ -408,3 +408,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn probe_reads_the_colour_model_and_check_flags_cmyk_and_deep_images() {
+    let mut cmyk = Vec::new();
+    jpeg_encoder::Encoder::new(&mut cmyk, 90)
+        .encode(
+            &[0, 255, 255, 0].repeat(320 * 320),
+            320,
+            320,
+            jpeg_encoder::ColorType::Cmyk,
+        )
+        .unwrap();
+    let deep = encode(
+        &DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+            320,
+            320,
+            Rgb([65535u16, 0, 0]),
+        )),
+        ImageFormat::Png,
+    );
+    let plain = encode(&gradient(320, 320), ImageFormat::Jpeg);
+    for (bytes, model) in [
+        (&cmyk, ColourModel::Cmyk),
+        (&deep, ColourModel::HighBitDepth),
+        (&plain, ColourModel::Standard),
+    ] {
+        let p = probe(bytes).unwrap();
+        assert_eq!(p.colour, model);
+        let flagged = check(&p, &Spec::KLING).contains(&Violation::Colour { model });
+        assert_eq!(flagged, model != ColourModel::Standard, "{model:?}");
+    }
+    // Converted to 8-bit sRGB with the right colour.
+    let out = run(cmyk).unwrap();
+    let img = assert_in_spec(&out).into_rgb8();
+    let p = img.get_pixel(160, 160).0;
+    assert!(p[0] > 240 && p[1] < 15 && p[2] < 15, "{p:?}");
+}

@@ -1,0 +1,350 @@
+//! `prepare` against libvips, in one run, on the same inputs, single
+//! threaded on both sides. Run it with `bash tests/bench/prepare.sh` (which
+//! installs libvips and pyvips when missing); it prints a table of ratios
+//! (libvips time / our time: above 1 means we are faster) and writes it to
+//! `target/bench-prepare.md`.
+//!
+//! For each case our side runs the real `prepare` (probe, checks, decode,
+//! orient, resize, pad, encode, and the final header check). The libvips
+//! side is handed the transform record our side produced and performs the
+//! same steps with the same settings (Lanczos3, white padding, JPEG quality
+//! and 4:2:0 chroma subsampling, PNG deflate level 6), in process through
+//! pyvips with `VIPS_CONCURRENCY=1` and its operation cache off. Times are
+//! medians of several runs after a warm-up. Peak memory is measured per
+//! job in a fresh process on each side (VmHWM after the job minus before).
+//!
+//! Modes: no argument runs everything; `rss <file>` prepares one file in
+//! this process and prints `rss_kb <delta>` (used by the RSS comparison).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use image::{DynamicImage, ImageFormat, RgbImage};
+use kling_archiver::prepare::{self, Limits, Spec, Transform};
+
+const RUNS: usize = 7;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary without it, and then it only says how to run it.
+    let benching = args.iter().any(|a| a == "--bench");
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    match args.as_slice() {
+        ["rss", file] => rss_job(Path::new(file)),
+        _ if benching => run_all(),
+        _ => println!("the prepare benchmark runs with `bash tests/bench/prepare.sh`"),
+    }
+}
+
+/// Peak resident set so far, in kB (Linux `VmHWM`).
+fn vm_hwm_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_job(file: &Path) {
+    let data = Bytes::from(std::fs::read(file).expect("read input"));
+    let before = vm_hwm_kb();
+    let out = prepare::prepare(data, &Spec::KLING, &Limits::default()).expect("prepare");
+    let after = vm_hwm_kb();
+    std::hint::black_box(&out);
+    println!("rss_kb {}", after.saturating_sub(before));
+}
+
+/// A photo-like picture: smooth gradients, edges and fine texture, so
+/// encoders and resamplers do real work (flat test cards flatter both).
+fn photo(w: u32, h: u32, seed: u32) -> RgbImage {
+    let mut state = seed.wrapping_mul(2_654_435_761) | 1;
+    RgbImage::from_fn(w, h, |x, y| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let grain = (state % 24) as i32 - 12;
+        let fx = x as f32 / w as f32;
+        let fy = y as f32 / h as f32;
+        let ring = (((fx - 0.5).powi(2) + (fy - 0.4).powi(2)).sqrt() * 40.0).sin();
+        let base = [
+            (200.0 * fx + 30.0 * ring) as i32,
+            (180.0 * fy + 40.0 * ring) as i32,
+            (120.0 + 60.0 * (fx * 9.0).sin() * (fy * 7.0).cos()) as i32,
+        ];
+        image::Rgb(base.map(|c| (c + grain).clamp(0, 255) as u8))
+    })
+}
+
+fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).expect("encode");
+    out.into_inner()
+}
+
+fn jpeg_q(img: &RgbImage, q: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, q)
+        .encode_image(img)
+        .expect("jpeg");
+    out
+}
+
+struct Case {
+    name: &'static str,
+    what: &'static str,
+    bytes: Vec<u8>,
+}
+
+fn cases() -> Vec<Case> {
+    let twelve = photo(4000, 3000, 1);
+    let rotated = kling_archiver::demo::with_exif_orientation(&jpeg_q(&twelve, 92), 6);
+    // A 12 MP PNG over 20 MB: photo-like content with more grain.
+    let noisy = RgbImage::from_fn(4000, 3000, {
+        let mut s = 7u32;
+        move |x, y| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let p = twelve.get_pixel(x, y).0;
+            image::Rgb(p.map(|c| c.wrapping_add((s % 61) as u8)))
+        }
+    });
+    vec![
+        Case {
+            name: "jpeg_12mp",
+            what: "12 MP JPEG, EXIF 6 (phone photo): decode, rotate, encode",
+            bytes: rotated,
+        },
+        Case {
+            name: "jpeg_12mp_big",
+            what: "12 MP JPEG over 10 MB: decode, re-encode, downscale if needed",
+            bytes: jpeg_q(&noisy, 100),
+        },
+        Case {
+            name: "png_12mp",
+            what: "12 MP PNG over 20 MB: decode, encode JPEG",
+            bytes: encode(&DynamicImage::ImageRgb8(noisy), ImageFormat::Png),
+        },
+        Case {
+            name: "panorama",
+            what: "6000x1500 JPEG (4:1): decode, pad to 2.5:1, encode",
+            bytes: jpeg_q(&photo(6000, 1500, 3), 90),
+        },
+        Case {
+            name: "thumbnail",
+            what: "200x150 JPEG: decode, upscale to 400x300, encode",
+            bytes: jpeg_q(&photo(200, 150, 4), 90),
+        },
+    ]
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ours(bytes: &[u8]) -> (Duration, prepare::Prepared) {
+    let data = Bytes::copy_from_slice(bytes);
+    let run = || prepare::prepare(data.clone(), &Spec::KLING, &Limits::default()).expect("prepare");
+    let out = run(); // warm-up
+    let times = (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(run());
+            t.elapsed()
+        })
+        .collect();
+    (median(times), out)
+}
+
+/// The steps for the libvips side, from our transform record.
+fn vips_plan(p: &prepare::Prepared) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = p
+        .transforms
+        .steps
+        .iter()
+        .map(|s| match *s {
+            Transform::Orient { exif } => serde_json::json!({"op": "orient", "exif": exif}),
+            Transform::Resize { from, to } => {
+                serde_json::json!({"op": "resize", "from": from, "to": to})
+            }
+            Transform::Pad {
+                left,
+                top,
+                right,
+                bottom,
+                color,
+            } => serde_json::json!({"op": "pad", "left": left, "top": top,
+                "width": p.width, "height": p.height, "right": right, "bottom": bottom, "color": color}),
+            Transform::Encode { format, quality } => {
+                serde_json::json!({"op": "encode", "format": format.extension(), "quality": quality})
+            }
+        })
+        .collect();
+    serde_json::json!(steps)
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn vips_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bench/vips_side.py")
+}
+
+/// Run the libvips side: returns its median seconds per case, and its
+/// per-job peak RSS for the 12 MP JPEG.
+fn vips(dir: &Path, plans: &serde_json::Value) -> serde_json::Value {
+    let plan_file = dir.join("plans.json");
+    std::fs::write(&plan_file, plans.to_string()).unwrap();
+    let out = Command::new(python())
+        .arg(vips_script())
+        .arg(&plan_file)
+        .arg(RUNS.to_string())
+        .env("VIPS_CONCURRENCY", "1")
+        .output()
+        .expect(
+            "run python3 tests/bench/vips_side.py (bash tests/bench/prepare.sh installs pyvips)",
+        );
+    assert!(
+        out.status.success(),
+        "libvips side failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("libvips side prints JSON")
+}
+
+fn our_rss_kb(file: &Path) -> u64 {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["rss", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .strip_prefix("rss_kb ")
+        .and_then(|v| v.parse().ok())
+        .expect("rss mode prints rss_kb")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut report = String::new();
+    let mut line = |s: String| {
+        println!("{s}");
+        report.push_str(&s);
+        report.push('\n');
+    };
+    line(format!(
+        "prepare vs libvips, single-threaded, median of {RUNS} runs after a warm-up"
+    ));
+    line(String::new());
+
+    let cases = cases();
+    let mut plans = Vec::new();
+    let mut ours_ms = Vec::new();
+    for c in &cases {
+        let input = dir.path().join(format!("{}.in", c.name));
+        std::fs::write(&input, &c.bytes).unwrap();
+        let (t, out) = ours(&c.bytes);
+        ours_ms.push(ms(t));
+        plans.push(serde_json::json!({
+            "name": c.name, "input": input, "steps": vips_plan(&out),
+        }));
+        eprintln!(
+            "{}: {} -> {}x{} {} B, {}",
+            c.name,
+            c.bytes.len(),
+            out.width,
+            out.height,
+            out.bytes.len(),
+            kling_archiver::report::describe_transforms(&out.transforms.steps)
+        );
+    }
+    let v = vips(
+        dir.path(),
+        &serde_json::json!({"cases": plans, "rss_case": dir.path().join("jpeg_12mp.in")}),
+    );
+
+    line("| case | input | ours ms | libvips ms | ratio (libvips / ours) |".into());
+    line("| --- | --- | ---: | ---: | ---: |".into());
+    for (c, ours) in cases.iter().zip(&ours_ms) {
+        let theirs = v["times_ms"][c.name].as_f64().unwrap_or(f64::NAN);
+        line(format!(
+            "| {} | {} ({:.1} MB) | {ours:.1} | {theirs:.1} | **{:.2}×** |",
+            c.name,
+            c.what,
+            c.bytes.len() as f64 / 1e6,
+            theirs / ours
+        ));
+    }
+
+    // Probe: header only, whatever the file size.
+    line(String::new());
+    for c in cases
+        .iter()
+        .filter(|c| ["png_12mp", "jpeg_12mp_big", "thumbnail"].contains(&c.name))
+    {
+        let n = 2000;
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(prepare::probe(std::hint::black_box(&c.bytes)).unwrap());
+        }
+        line(format!(
+            "probe {}: {:.1} µs for a {:.1} MB file",
+            c.name,
+            t.elapsed().as_secs_f64() * 1e6 / f64::from(n),
+            c.bytes.len() as f64 / 1e6
+        ));
+    }
+
+    // Passthrough: an in-spec 12 MP JPEG; prepare plus the SHA-256 the
+    // pipeline takes of every source.
+    let in_spec = jpeg_q(&photo(4000, 3000, 9), 85);
+    let data = Bytes::from(in_spec);
+    let mb = data.len() as f64 / 1e6;
+    let mut times = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let out = prepare::prepare(data.clone(), &Spec::KLING, &Limits::default()).unwrap();
+        assert!(out.is_passthrough());
+        std::hint::black_box(kling_archiver::archive::Sha256::of(&out.bytes));
+        times.push(t.elapsed());
+    }
+    let t = median(times);
+    line(format!(
+        "passthrough (in-spec {mb:.1} MB JPEG, prepare + sha256): {:.3} ms, {:.3} ms per MB",
+        ms(t),
+        ms(t) / mb
+    ));
+
+    // Peak memory of one 12 MP job, each side in a fresh process.
+    let ours_kb = our_rss_kb(&dir.path().join("jpeg_12mp.in"));
+    let theirs_kb = v["rss_kb"].as_f64().unwrap_or(f64::NAN);
+    line(format!(
+        "peak RSS of one 12 MP job: ours {:.1} MB, libvips {:.1} MB, ratio ours / libvips {:.2}",
+        ours_kb as f64 / 1024.0,
+        theirs_kb / 1024.0,
+        ours_kb as f64 / theirs_kb
+    ));
+    line(format!("libvips {}", v["version"].as_str().unwrap_or("?")));
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-prepare.md");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(report.as_bytes()).unwrap();
+    eprintln!("written to {}", path.display());
+}
