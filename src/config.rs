@@ -227,6 +227,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "SOURCE_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub source_allow_private: bool,
 
+    /// Comma-separated networks `image_url` may reach although they are
+    /// private (e.g. `10.20.0.0/16` for an internal image server): narrower
+    /// than SOURCE_ALLOW_PRIVATE, which opens every private range.
+    #[arg(long, env = "SOURCE_ALLOW_NETS", value_delimiter = ',')]
+    pub source_allow_nets: Vec<ipnet::IpNet>,
+
     /// Largest source image accepted, in bytes.
     #[arg(long, env = "SOURCE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub source_max_bytes: u64,
@@ -344,6 +350,8 @@ pub struct KlingConfig {
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
     pub allow_private: bool,
+    /// Private networks allowed although `allow_private` is off.
+    pub allow_nets: Vec<ipnet::IpNet>,
     pub max_bytes: u64,
     pub timeout: Duration,
     pub connect_timeout: Duration,
@@ -353,6 +361,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             allow_private: false,
+            allow_nets: Vec::new(),
             max_bytes: 64 * 1024 * 1024,
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
@@ -576,6 +585,7 @@ impl WorkerArgs {
             s3_force_path_style: self.s3_force_path_style,
             fetch: FetchConfig {
                 allow_private: self.source_allow_private,
+                allow_nets: self.source_allow_nets.clone(),
                 max_bytes: self.source_max_bytes,
                 ..FetchConfig::default()
             },

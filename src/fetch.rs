@@ -32,11 +32,47 @@ pub struct Fetcher {
     http: reqwest::Client,
     s3: aws_sdk_s3::Client,
     cfg: FetchConfig,
+    guard: Guard,
+}
+
+/// Which addresses a source URL may reach.
+#[derive(Clone)]
+struct Guard {
+    allow_private: bool,
+    allow_nets: Arc<Vec<ipnet::IpNet>>,
+}
+
+impl Guard {
+    fn refuses(&self, ip: IpAddr) -> bool {
+        !self.allow_private
+            && is_forbidden_ip(ip)
+            && !self.allow_nets.iter().any(|net| net.contains(&ip))
+    }
+
+    /// IP-literal hosts (names are checked by the resolver).
+    fn check_literal_host(&self, url: &url::Url) -> Result<(), ForbiddenTarget> {
+        let ip = match url.host() {
+            Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+            Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+            _ => return Ok(()),
+        };
+        if self.refuses(ip) {
+            return Err(ForbiddenTarget {
+                host: url.host_str().unwrap_or_default().to_owned(),
+                ip,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Fetcher {
     pub fn new(cfg: FetchConfig, s3: aws_sdk_s3::Client) -> Result<Self, FetchError> {
-        let allow_private = cfg.allow_private;
+        let guard = Guard {
+            allow_private: cfg.allow_private,
+            allow_nets: Arc::new(cfg.allow_nets.clone()),
+        };
+        let redirect_guard = guard.clone();
         let redirect = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
                 return attempt.error(RedirectRefused(format!(
@@ -49,7 +85,7 @@ impl Fetcher {
                 return attempt.error(RedirectRefused(reason));
             }
             // Names are checked by the resolver; IP literals never reach it.
-            if let Err(e) = check_literal_host(url, allow_private) {
+            if let Err(e) = redirect_guard.check_literal_host(url) {
                 return attempt.error(e);
             }
             attempt.follow()
@@ -59,12 +95,19 @@ impl Fetcher {
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.timeout)
             .redirect(redirect)
-            .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                guard: guard.clone(),
+            }))
             .build()
             .map_err(|e| FetchError::Network {
                 reason: format!("building the HTTP client: {e}"),
             })?;
-        Ok(Self { http, s3, cfg })
+        Ok(Self {
+            http,
+            s3,
+            cfg,
+            guard,
+        })
     }
 
     /// The source's bytes, at most `SOURCE_MAX_BYTES`.
@@ -79,7 +122,7 @@ impl Fetcher {
                 b.clone()
             }
             Source::Http(url) => {
-                check_literal_host(url, self.cfg.allow_private)?;
+                self.guard.check_literal_host(url)?;
                 (|| self.fetch_http(url))
                     .retry(retry_policy())
                     .when(|e: &FetchError| e.disposition() == Disposition::Transient)
@@ -197,17 +240,17 @@ pub async fn read_capped(
 
 /// Resolves names and refuses any whose addresses include a forbidden one.
 struct GuardedResolver {
-    allow_private: bool,
+    guard: Guard,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
+        let guard = self.guard.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if !allow_private && let Some(bad) = addrs.iter().find(|a| is_forbidden_ip(a.ip())) {
+            if let Some(bad) = addrs.iter().find(|a| guard.refuses(a.ip())) {
                 return Err(Box::new(ForbiddenTarget { host, ip: bad.ip() })
                     as Box<dyn StdError + Send + Sync>);
             }
@@ -227,24 +270,6 @@ pub struct ForbiddenTarget {
 #[derive(Debug, thiserror::Error)]
 #[error("redirect refused: {0}")]
 struct RedirectRefused(String);
-
-fn check_literal_host(url: &url::Url, allow_private: bool) -> Result<(), ForbiddenTarget> {
-    if allow_private {
-        return Ok(());
-    }
-    let ip = match url.host() {
-        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
-        Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
-        _ => return Ok(()),
-    };
-    if is_forbidden_ip(ip) {
-        return Err(ForbiddenTarget {
-            host: url.host_str().unwrap_or_default().to_owned(),
-            ip,
-        });
-    }
-    Ok(())
-}
 
 /// Addresses a source URL may not reach unless private sources are allowed.
 pub fn is_forbidden_ip(ip: IpAddr) -> bool {
@@ -322,6 +347,11 @@ impl FetchError {
     fn from_status(status: u16, url: &url::Url) -> Self {
         let uri = redact_url(url);
         match status {
+            // reqwest hands back a redirect it would not follow (to file:,
+            // or with a broken Location) as the 3xx response itself.
+            300..=399 => FetchError::Redirect {
+                reason: format!("HTTP {status} to a location that is not an http(s) URL"),
+            },
             404 | 410 => FetchError::NotFound { uri },
             401 | 403 => FetchError::Denied { uri },
             _ => FetchError::Status { status, uri },
@@ -450,11 +480,27 @@ mod tests {
 
     #[test]
     fn literal_hosts_are_checked_without_dns() {
+        let guard = |allow_private, nets: &[&str]| Guard {
+            allow_private,
+            allow_nets: Arc::new(nets.iter().map(|n| n.parse().unwrap()).collect()),
+        };
         let url = url::Url::parse("http://[::1]:8080/x.jpg").unwrap();
-        assert!(check_literal_host(&url, false).is_err());
-        assert!(check_literal_host(&url, true).is_ok());
+        assert!(guard(false, &[]).check_literal_host(&url).is_err());
+        assert!(guard(true, &[]).check_literal_host(&url).is_ok());
         let url = url::Url::parse("http://2130706433/x.jpg").unwrap(); // 127.0.0.1 as an integer
-        assert!(check_literal_host(&url, false).is_err(), "{url}");
+        assert!(guard(false, &[]).check_literal_host(&url).is_err(), "{url}");
+        // An allowed network opens exactly that network.
+        let nets = guard(false, &["127.0.0.1/32", "10.20.0.0/16"]);
+        for (url, ok) in [
+            ("http://127.0.0.1/x.jpg", true),
+            ("http://10.20.3.4/x.jpg", true),
+            ("http://127.0.0.2/x.jpg", false),
+            ("http://10.21.0.1/x.jpg", false),
+            ("http://169.254.169.254/latest/", false),
+        ] {
+            let url = url::Url::parse(url).unwrap();
+            assert_eq!(nets.check_literal_host(&url).is_ok(), ok, "{url}");
+        }
     }
 
     #[test]

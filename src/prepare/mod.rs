@@ -249,6 +249,9 @@ pub fn prepare(data: bytes::Bytes, spec: &Spec, limits: &Limits) -> Result<Prepa
     let source = probe(&data)?;
     check_limits(&source, limits)?;
     probe::verify_complete(source.format, &data)?;
+    if source.format == SourceFormat::Png {
+        probe::check_png_metadata(&data)?;
+    }
 
     let violations = check(&source, spec);
     if violations.is_empty()

@@ -96,9 +96,7 @@ impl ColourModel {
         use image::ExtendedColorType as E;
         match colour {
             E::Cmyk8 | E::Cmyk16 => ColourModel::Cmyk,
-            c if c.channel_count() > 0
-                && c.bits_per_pixel() > 8 * u16::from(c.channel_count()) =>
-            {
+            c if c.channel_count() > 0 && c.bits_per_pixel() > 8 * u16::from(c.channel_count()) => {
                 ColourModel::HighBitDepth
             }
             _ => ColourModel::Standard,
@@ -196,6 +194,65 @@ pub(super) fn verify_complete(format: SourceFormat, data: &[u8]) -> Result<(), P
     } else {
         Err(truncated(what))
     }
+}
+
+/// Largest inflated size of one compressed PNG metadata chunk (iCCP, zTXt,
+/// iTXt). Real ICC profiles are well under 1 MiB.
+const PNG_METADATA_MAX_INFLATED: usize = 16 * 1024 * 1024;
+
+/// Refuse a PNG whose compressed metadata chunks (before the pixels)
+/// inflate past [`PNG_METADATA_MAX_INFLATED`]: a chunk bomb. `image` skips
+/// such chunks, but an in-spec PNG goes to Kling byte for byte, and its
+/// decoder may not. Inflating stops at the limit, so the cost is bounded;
+/// PNGs without compressed metadata cost one walk over the chunk headers.
+pub(super) fn check_png_metadata(data: &[u8]) -> Result<(), PrepareError> {
+    let mut at = 8;
+    while let Some(header) = data.get(at..at + 8) {
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = &header[4..8];
+        if kind == b"IDAT" || kind == b"IEND" {
+            break;
+        }
+        let Some(body) = data.get(at + 8..(at + 8).saturating_add(len)) else {
+            break; // the decoder reports the truncation
+        };
+        let compressed = match kind {
+            // keyword \0 method, then the zlib stream
+            b"iCCP" | b"zTXt" => body
+                .iter()
+                .position(|&b| b == 0)
+                .and_then(|nul| body.get(nul + 2..)),
+            // keyword \0 flag method language \0 translated \0 text
+            b"iTXt" => body.iter().position(|&b| b == 0).and_then(|nul| {
+                let flag = *body.get(nul + 1)?;
+                let rest = body.get(nul + 3..)?;
+                let lang = rest.iter().position(|&b| b == 0)?;
+                let rest = rest.get(lang + 1..)?;
+                let translated = rest.iter().position(|&b| b == 0)?;
+                (flag == 1).then(|| rest.get(translated + 1..)).flatten()
+            }),
+            _ => None,
+        };
+        if let Some(stream) = compressed {
+            let inflated = miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(
+                stream,
+                PNG_METADATA_MAX_INFLATED,
+            );
+            if let Err(e) = inflated
+                && e.status == miniz_oxide::inflate::TINFLStatus::HasMoreOutput
+            {
+                return Err(PrepareError::ResourceLimit {
+                    reason: format!(
+                        "the PNG {} chunk inflates past {} MiB (possible decompression bomb)",
+                        String::from_utf8_lossy(kind),
+                        PNG_METADATA_MAX_INFLATED >> 20
+                    ),
+                });
+            }
+        }
+        at = at.saturating_add(12).saturating_add(len);
+    }
+    Ok(())
 }
 
 fn truncated(reason: &str) -> PrepareError {

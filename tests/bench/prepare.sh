@@ -17,7 +17,12 @@ if ! python3 -c 'import pyvips' >/dev/null 2>&1; then
 fi
 python3 -c 'import pyvips; print("libvips", pyvips.version(0), pyvips.version(1), pyvips.version(2))'
 
-# Single core for both sides: libvips via VIPS_CONCURRENCY=1 (set by the
-# bench), ours is single-threaded by construction; taskset pins both.
-cargo bench --locked --bench prepare --no-run
-exec taskset -c 0 cargo bench --locked --bench prepare "$@"
+# Build, then run the bench binary itself pinned to one core: libvips also
+# gets VIPS_CONCURRENCY=1 (set by the bench); ours is single-threaded.
+bin=$(cargo bench --locked --bench prepare --no-run --message-format=json \
+  | python3 -c 'import json, sys
+exes = [m["executable"] for m in map(json.loads, sys.stdin)
+        if m.get("reason") == "compiler-artifact" and m.get("executable")
+        and m["target"]["name"] == "prepare"]
+print(exes[-1])')
+exec taskset -c 0 "$bin" --bench "$@"

@@ -1,0 +1,304 @@
+//! Load benchmark: N jobs through the release `worker` binary against the
+//! Kling simulator with a fixed latency L, at several concurrencies.
+//! Run it with `bash tests/bench/load.sh` (RabbitMQ must be up).
+//!
+//! With L per call and C jobs in flight, Little's law bounds throughput by
+//! C / L. The table gives the measured throughput against that bound
+//! (overall, and after the adaptive Kling limit's slow start), the worker
+//! process's CPU seconds per job and its peak RSS, for in-spec traffic
+//! (passed through) and out-of-spec traffic (200x150 photos: decoded,
+//! upscaled, re-encoded). Every job carries a distinct image, so no call is
+//! saved by reuse. The archive is a local directory on disk; the simulator
+//! runs in this process, the worker in its own.
+//!
+//! Flags: `--jobs-per-slot K` (default 20: N = K x C), `--latency-ms L`
+//! (default 1000), `--concurrency 32,128`, `--mix in,out`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures::StreamExt as _;
+use kling_archiver::broker::Topology;
+use kling_archiver::sim::{SimConfig, Simulator};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const AK: &str = "load-ak";
+const SK: &str = "load-sk-0123456789";
+
+struct Args {
+    jobs_per_slot: usize,
+    latency: Duration,
+    concurrency: Vec<usize>,
+    mixes: Vec<String>,
+}
+
+fn args() -> Option<Args> {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if !raw.iter().any(|a| a == "--bench") {
+        println!("the load benchmark runs with `bash tests/bench/load.sh`");
+        return None;
+    }
+    let get = |name: &str| {
+        raw.iter()
+            .position(|a| a == name)
+            .and_then(|i| raw.get(i + 1))
+            .cloned()
+    };
+    Some(Args {
+        jobs_per_slot: get("--jobs-per-slot").map_or(20, |v| v.parse().unwrap()),
+        latency: Duration::from_millis(get("--latency-ms").map_or(1000, |v| v.parse().unwrap())),
+        concurrency: get("--concurrency")
+            .unwrap_or_else(|| "32,128".into())
+            .split(',')
+            .map(|c| c.parse().unwrap())
+            .collect(),
+        mixes: get("--mix")
+            .unwrap_or_else(|| "in,out".into())
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+/// A JPEG with a comment segment carrying `n`, so every job's image (and
+/// so its recognition) is distinct while all share one encode.
+fn distinct(base: &[u8], n: usize) -> Vec<u8> {
+    let text = format!("load-{n}");
+    let mut out = base[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xFE]);
+    out.extend_from_slice(&u16::try_from(text.len() + 2).unwrap().to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&base[2..]);
+    out
+}
+
+fn jpeg(w: u32, h: u32) -> Vec<u8> {
+    let img = kling_archiver::demo::scene(w, h, 1);
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+/// (utime + stime seconds, VmHWM kB) of a process.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that ends the command name; utime and stime are
+    // the 14th and 15th fields overall.
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = 100.0; // USER_HZ on Linux
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0);
+    (ticks / hz, hwm)
+}
+
+struct Run {
+    jobs: usize,
+    seconds: f64,
+    after_ramp: f64,
+    cpu_per_job_ms: f64,
+    peak_rss_mb: f64,
+    billed: u64,
+}
+
+async fn run_one(
+    conn: &Connection,
+    sim: &kling_archiver::sim::SimHandle,
+    concurrency: usize,
+    mix: &str,
+    jobs: usize,
+    archive: &std::path::Path,
+) -> Run {
+    let queue = format!("t.kling.load.{}-{concurrency}-{mix}", std::process::id());
+    let topology = Topology::new(queue.clone(), 20);
+    let ch = conn.create_channel().await.unwrap();
+    topology.declare(&ch).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // Count result events: one per archived job, published before its ack.
+    let results = format!("{queue}.bench-results");
+    ch.queue_declare(
+        results.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        results.as_str().into(),
+        topology.results_exchange().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let base = match mix {
+        "in" => jpeg(320, 320),
+        _ => jpeg(200, 150),
+    };
+    for n in 0..jobs {
+        let body = serde_json::json!({
+            "job_id": format!("load-{concurrency}-{mix}-{n}"),
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(distinct(&base, n)),
+        });
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body.to_string().as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+
+    let billed_before = sim.stats().billed_calls;
+    let mut consumer = ch
+        .basic_consume(
+            results.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AMQP_URL", AMQP)
+        .env("WORKER_QUEUE", &queue)
+        .env("WORKER_DELIVERY_LIMIT", "20")
+        .env("WORKER_CONCURRENCY", concurrency.to_string())
+        .env("KLING_BASE_URL", sim.base_url())
+        .env("KLING_ACCESS_KEY", AK)
+        .env("KLING_SECRET_KEY", SK)
+        .env("KLING_RESULT_HOSTS", sim.result_host())
+        .env("ARCHIVE_URL", archive.join(format!("{concurrency}-{mix}")))
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the worker binary");
+    let pid = child.id();
+
+    let mut seen = 0;
+    let mut ramp_done: Option<Instant> = None;
+    let mut peak = (0.0, 0);
+    while seen < jobs {
+        let d = tokio::time::timeout(Duration::from_secs(120), consumer.next())
+            .await
+            .expect("results keep coming")
+            .unwrap()
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        seen += 1;
+        if seen == jobs / 10 {
+            ramp_done = Some(Instant::now());
+        }
+        if seen % 64 == 0 {
+            peak = usage(pid);
+        }
+    }
+    let elapsed = started.elapsed();
+    let (cpu, hwm) = usage(pid);
+    let hwm = hwm.max(peak.1);
+    let ramp = ramp_done.unwrap_or(started);
+    let after_ramp = (jobs - jobs / 10) as f64 / ramp.elapsed().as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    for q in std::iter::once(queue.clone())
+        .chain([topology.dead_letter_queue()])
+        .chain(
+            topology
+                .retry_delays
+                .iter()
+                .map(|d| topology.retry_queue(*d)),
+        )
+    {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    Run {
+        jobs,
+        seconds: elapsed.as_secs_f64(),
+        after_ramp,
+        cpu_per_job_ms: cpu * 1e3 / jobs as f64,
+        peak_rss_mb: hwm as f64 / 1024.0,
+        billed: sim.stats().billed_calls - billed_before,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let Some(args) = args() else { return };
+    let mut cfg = SimConfig::new(AK, SK);
+    cfg.latency = args.latency;
+    let sim = Simulator::start(cfg).await.expect("simulator");
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672");
+    let archive = tempfile::tempdir().unwrap();
+    let l = args.latency.as_secs_f64();
+    let mut table = format!(
+        "load: simulator latency {:.0} ms, {} jobs per slot, worker binary in its own process\n\n\
+         | concurrency | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | CPU ms/job | peak RSS MB | billed |\n\
+         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        l * 1e3,
+        args.jobs_per_slot
+    );
+    for &c in &args.concurrency {
+        for mix in &args.mixes {
+            let jobs = c * args.jobs_per_slot;
+            let r = run_one(&conn, &sim, c, mix, jobs, archive.path()).await;
+            let rate = r.jobs as f64 / r.seconds;
+            let bound = c as f64 / l;
+            let row = format!(
+                "| {c} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.1} | {:.0} | {} |\n",
+                r.jobs,
+                r.seconds,
+                rate / bound,
+                r.after_ramp / bound,
+                r.cpu_per_job_ms,
+                r.peak_rss_mb,
+                r.billed
+            );
+            eprint!("{row}");
+            table.push_str(&row);
+        }
+    }
+    println!("{table}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-load.md");
+    std::fs::write(&path, &table).unwrap();
+    eprintln!("written to {}", path.display());
+    sim.shutdown();
+}
