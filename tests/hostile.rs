@@ -76,7 +76,7 @@ fn dimension_bomb() -> Vec<u8> {
     let mut png = common::png(64, 64);
     png[16..20].copy_from_slice(&60_000u32.to_be_bytes());
     png[20..24].copy_from_slice(&60_000u32.to_be_bytes());
-    let fixed = png_chunk(b"IHDR", &png[16..29].to_vec());
+    let fixed = png_chunk(b"IHDR", &png[16..29]);
     png[8..33].copy_from_slice(&fixed);
     png
 }
