@@ -17,7 +17,6 @@ use std::cell::RefCell;
 
 use fast_image_resize as fir;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
-use image::metadata::Orientation;
 use image::{DynamicImage, ImageBuffer, ImageReader, Rgb, RgbImage, Rgba, RgbaImage};
 
 use super::probe::{from_image_error, guard_panic};
@@ -199,23 +198,65 @@ enum Pixels {
 /// Convert any colour type (16-bit, grey, CMYK already converted by the
 /// decoder, float) to 8-bit RGB(A) and apply the EXIF orientation.
 fn normalise(image: DynamicImage, orientation: u8) -> Pixels {
-    let mut image = if image.color().has_alpha() {
+    if image.color().has_alpha() {
         let rgba = image.into_rgba8();
         if rgba.pixels().any(|p| p[3] != u8::MAX) {
-            DynamicImage::ImageRgba8(rgba)
-        } else {
-            DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).into_rgb8())
+            return Pixels::Rgba(orient(rgba, orientation));
         }
-    } else {
-        DynamicImage::ImageRgb8(image.into_rgb8())
+        let rgb = DynamicImage::ImageRgba8(rgba).into_rgb8();
+        return Pixels::Rgb(orient(rgb, orientation));
+    }
+    Pixels::Rgb(orient(image.into_rgb8(), orientation))
+}
+
+/// Side of the square tiles a quarter turn copies at a time: a tile of
+/// source rows and one of destination rows both stay in cache.
+const TURN_TILE: u32 = 64;
+
+/// Apply an EXIF orientation. Flips and the half turn are row-friendly and
+/// left to `image`; the quarter turns (5-8, every portrait phone photo)
+/// are done tile by tile, several times faster than pixel by pixel over
+/// the whole frame.
+fn orient<P: image::Pixel<Subpixel = u8>>(
+    img: ImageBuffer<P, Vec<u8>>,
+    exif: u8,
+) -> ImageBuffer<P, Vec<u8>> {
+    let (w, h) = img.dimensions();
+    // Stored (x, y) of displayed pixel (u, v); the displayed image is h x w.
+    let source: fn(u32, u32, u32, u32) -> (u32, u32) = match exif {
+        5 => |u, v, _, _| (v, u),
+        6 => |u, v, _, h| (v, h - 1 - u),
+        7 => |u, v, w, h| (w - 1 - v, h - 1 - u),
+        8 => |u, v, w, _| (w - 1 - v, u),
+        _ => {
+            let mut img = img;
+            match exif {
+                2 => image::imageops::flip_horizontal_in_place(&mut img),
+                3 => image::imageops::rotate180_in_place(&mut img),
+                4 => image::imageops::flip_vertical_in_place(&mut img),
+                _ => {}
+            }
+            return img;
+        }
     };
-    if let Some(o) = Orientation::from_exif(orientation) {
-        image.apply_orientation(o);
+    let c = usize::from(P::CHANNEL_COUNT);
+    let src = img.as_raw();
+    let mut out = vec![0u8; src.len()];
+    let (dw, dh) = (h, w);
+    for tv in (0..dh).step_by(TURN_TILE as usize) {
+        for tu in (0..dw).step_by(TURN_TILE as usize) {
+            for v in tv..(tv + TURN_TILE).min(dh) {
+                let row = v as usize * dw as usize;
+                for u in tu..(tu + TURN_TILE).min(dw) {
+                    let (x, y) = source(u, v, w, h);
+                    let from = (y as usize * w as usize + x as usize) * c;
+                    let to = (row + u as usize) * c;
+                    out[to..to + c].copy_from_slice(&src[from..from + c]);
+                }
+            }
+        }
     }
-    match image {
-        DynamicImage::ImageRgba8(rgba) => Pixels::Rgba(rgba),
-        other => Pixels::Rgb(other.into_rgb8()),
-    }
+    ImageBuffer::from_raw(dw, dh, out).unwrap_or_else(|| unreachable!("same pixel count"))
 }
 
 impl Pixels {
