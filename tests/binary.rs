@@ -6,38 +6,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Backend, TestEnv, b64, jpeg};
 use kling_archiver::archive::ObjectKey;
-
-fn worker(env: &TestEnv) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("AMQP_URL", common::amqp_url())
-        .env("WORKER_QUEUE", &env.queue)
-        .env("WORKER_DELIVERY_LIMIT", env.delivery_limit.to_string())
-        .env("WORKER_RETRY_DELAYS_SECS", common::RETRY_DELAYS)
-        .env("WORKER_CONCURRENCY", "32")
-        .env("KLING_BASE_URL", env.sim.base_url())
-        .env("KLING_ACCESS_KEY", common::KLING_AK)
-        .env("KLING_SECRET_KEY", common::KLING_SK)
-        .env("KLING_RESULT_HOSTS", env.sim.result_host())
-        .env("ARCHIVE_URL", format!("s3://{}/bin", env.bucket))
-        .env("S3_FORCE_PATH_STYLE", "true")
-        .env("AWS_ENDPOINT_URL", &env.s3.endpoint)
-        .env("AWS_ACCESS_KEY_ID", common::S3_AK)
-        .env("AWS_SECRET_ACCESS_KEY", common::S3_SK)
-        .env("AWS_REGION", "us-east-1")
-        .env("LOG_FORMAT", "json")
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "debug,aws=info,hyper=info,h2=info,rustls=info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
 
 /// A loopback port nothing listens on (for the ops listener).
 fn free_port() -> u16 {
@@ -57,7 +30,7 @@ async fn the_binary_archives_with_env_config_and_drains_on_sigterm() {
         .await;
     // A free port for the ops listener.
     let port = free_port();
-    let child = worker(&env)
+    let child = common::worker_binary(&env)
         .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
         .spawn()
         .expect("start worker");
@@ -147,7 +120,7 @@ async fn the_binary_archives_with_env_config_and_drains_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_refuses_to_start_without_kling_keys() {
     let env = TestEnv::new(Backend::Local).await;
-    let out = worker(&env)
+    let out = common::worker_binary(&env)
         .env_remove("KLING_SECRET_KEY")
         .output()
         .expect("run worker");
@@ -179,7 +152,7 @@ async fn sigterm_mid_job_finishes_that_job_takes_no_other_and_exits_0() {
             .await;
     }
     let port = free_port();
-    let child = worker(&env)
+    let child = common::worker_binary(&env)
         .env("WORKER_CONCURRENCY", "1")
         .env("SHUTDOWN_TIMEOUT_SECS", "30")
         .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
@@ -243,7 +216,7 @@ async fn an_unreachable_archive_makes_the_worker_not_ready() {
     let port = free_port();
     // Nothing listens on the S3 endpoint.
     let dead_port = free_port();
-    let mut child = worker(&env)
+    let mut child = common::worker_binary(&env)
         .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{dead_port}"))
         .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
         .spawn()
@@ -283,7 +256,7 @@ async fn worker_verify_catches_a_corrupted_and_a_deleted_object() {
     w.settled(2, Duration::from_secs(60)).await;
     w.stop().await;
     let verify = |extra: &[&str]| {
-        let mut cmd = worker(&env);
+        let mut cmd = common::worker_binary(&env);
         cmd.arg("verify")
             .args(extra)
             .env("ARCHIVE_URL", format!("s3://{}/arch", env.bucket));

@@ -46,6 +46,15 @@ pub struct S3Server {
     pub client: aws_sdk_s3::Client,
     pub dir: tempfile::TempDir,
     stop: CancellationToken,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl S3Server {
+    /// Take the server down (every open connection is cut, new ones are
+    /// closed at once) or bring it back on the same address.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
 }
 
 impl Drop for S3Server {
@@ -66,17 +75,26 @@ pub async fn start_s3() -> S3Server {
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
     let stop2 = stop.clone();
+    let (down, down_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         loop {
             let (sock, _) = tokio::select! {
                 r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                 () = stop2.cancelled() => return,
             };
+            if *down_rx.borrow() {
+                drop(sock);
+                continue;
+            }
             let service = service.clone();
+            let mut down_rx = down_rx.clone();
             tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(sock), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let serve = builder.serve_connection(TokioIo::new(sock), service);
+                tokio::select! {
+                    _ = serve => {}
+                    _ = down_rx.wait_for(|d| *d) => {}
+                }
             });
         }
     });
@@ -86,6 +104,7 @@ pub async fn start_s3() -> S3Server {
         endpoint,
         dir,
         stop,
+        down,
     }
 }
 
@@ -97,6 +116,15 @@ pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
         .credentials_provider(creds)
         .endpoint_url(endpoint)
         .force_path_style(true)
+        // As the worker's own client (src/lib.rs): a request to a server
+        // that went away fails and is retried instead of waiting forever.
+        .timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(20))
+                .operation_timeout(Duration::from_secs(60))
+                .build(),
+        )
         .build();
     aws_sdk_s3::Client::from_conf(conf)
 }
@@ -433,6 +461,35 @@ impl RunningWorker {
             .expect("join");
         r.expect("worker result");
     }
+}
+
+/// The `worker` binary configured through the contract's environment
+/// variables only, against this env's S3 server, queue and simulator.
+pub fn worker_binary(env: &TestEnv) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AMQP_URL", amqp_url())
+        .env("WORKER_QUEUE", &env.queue)
+        .env("WORKER_DELIVERY_LIMIT", env.delivery_limit.to_string())
+        .env("WORKER_RETRY_DELAYS_SECS", RETRY_DELAYS)
+        .env("WORKER_CONCURRENCY", "32")
+        .env("KLING_BASE_URL", env.sim.base_url())
+        .env("KLING_ACCESS_KEY", KLING_AK)
+        .env("KLING_SECRET_KEY", KLING_SK)
+        .env("KLING_RESULT_HOSTS", env.sim.result_host())
+        .env("ARCHIVE_URL", format!("s3://{}/bin", env.bucket))
+        .env("S3_FORCE_PATH_STYLE", "true")
+        .env("AWS_ENDPOINT_URL", &env.s3.endpoint)
+        .env("AWS_ACCESS_KEY_ID", S3_AK)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SK)
+        .env("AWS_REGION", "us-east-1")
+        .env("LOG_FORMAT", "json")
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "debug,aws=info,hyper=info,h2=info,rustls=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
 }
 
 /// A generated test image.
