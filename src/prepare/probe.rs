@@ -134,26 +134,31 @@ pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
             format: format!("{image_format:?}"),
         });
     }
-    let header = match format {
-        SourceFormat::Jpeg => jpeg_header_len(data).map_or(data, |end| &data[..end]),
-        _ => data,
+    // JPEG: the frame header and the Exif segment say everything, read in
+    // one walk over the marker segments (no decoder, no copy).
+    let fast = match format {
+        SourceFormat::Jpeg => jpeg_frame(data),
+        _ => None,
     };
-
-    let (width, height, orientation, colour) = guard_panic(|| {
-        let mut reader = ImageReader::with_format(Cursor::new(header), image_format);
-        let mut limits = image::Limits::no_limits();
-        limits.max_alloc = Some(PROBE_METADATA_ALLOC);
-        reader.limits(limits);
-        let mut decoder = reader.into_decoder().map_err(from_image_error)?;
-        let (width, height) = decoder.dimensions();
-        // A damaged EXIF block must not sink an otherwise good image.
-        let orientation = decoder.orientation().map_or(1, |o| o.to_exif());
-        let colour = match format {
-            SourceFormat::Jpeg => jpeg_colour(header),
-            _ => ColourModel::of(decoder.original_color_type()),
-        };
-        Ok((width, height, orientation, colour))
-    })?;
+    let (width, height, orientation, colour) = match fast {
+        Some(f) => f,
+        None => guard_panic(|| {
+            let header = match format {
+                SourceFormat::Jpeg => jpeg_header_len(data).map_or(data, |end| &data[..end]),
+                _ => data,
+            };
+            let mut reader = ImageReader::with_format(Cursor::new(header), image_format);
+            let mut limits = image::Limits::no_limits();
+            limits.max_alloc = Some(PROBE_METADATA_ALLOC);
+            reader.limits(limits);
+            let mut decoder = reader.into_decoder().map_err(from_image_error)?;
+            let (width, height) = decoder.dimensions();
+            // A damaged EXIF block must not sink an otherwise good image.
+            let orientation = decoder.orientation().map_or(1, |o| o.to_exif());
+            let colour = ColourModel::of(decoder.original_color_type());
+            Ok((width, height, orientation, colour))
+        })?,
+    };
     if width == 0 || height == 0 {
         return Err(PrepareError::Undecodable {
             reason: format!("the header declares {width}x{height} pixels"),
@@ -268,25 +273,39 @@ fn jpeg_header_len(data: &[u8]) -> Option<usize> {
     walk_jpeg_header(data, |_, _| {})
 }
 
-/// The colour model of a JPEG from its frame header (SOFn): four
-/// components are CMYK (or YCCK), a 12- or 16-bit precision is deep.
+/// Width, height, EXIF orientation and colour model of a JPEG, from its
+/// frame header (SOFn) and its Exif segment (APP1), in one walk over the
+/// marker segments up to the first scan; `None` when the walk does not
+/// reach a scan or finds no frame header (the decoder then says why).
+/// Four components are CMYK (or YCCK); a 12- or 16-bit precision is deep:
 /// `image` converts both silently, so the probe reads the marker itself.
-fn jpeg_colour(data: &[u8]) -> ColourModel {
-    let mut model = ColourModel::Standard;
+fn jpeg_frame(data: &[u8]) -> Option<(u32, u32, u8, ColourModel)> {
+    let mut frame = None;
+    let mut orientation = 1;
+    let mut seen_exif = false;
     walk_jpeg_header(data, |marker, payload| {
         let sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
-        if let (true, Some(&precision), Some(&components)) = (sof, payload.first(), payload.get(5))
-        {
-            model = if components == 4 {
+        if sof && frame.is_none() && payload.len() >= 6 {
+            let height = u32::from(u16::from_be_bytes([payload[1], payload[2]]));
+            let width = u32::from(u16::from_be_bytes([payload[3], payload[4]]));
+            let colour = if payload[5] == 4 {
                 ColourModel::Cmyk
-            } else if precision > 8 {
+            } else if payload[0] > 8 {
                 ColourModel::HighBitDepth
             } else {
                 ColourModel::Standard
             };
+            frame = Some((width, height, colour));
         }
-    });
-    model
+        if marker == 0xE1 && !seen_exif && payload.starts_with(b"Exif\0\0") {
+            seen_exif = true;
+            // A damaged Exif block must not sink an otherwise good image.
+            orientation = image::metadata::Orientation::from_exif_chunk(&payload[6..])
+                .map_or(1, |o| o.to_exif());
+        }
+    })?;
+    let (width, height, colour) = frame?;
+    Some((width, height, orientation, colour))
 }
 
 /// Visit a JPEG's marker segments (`seen(marker, payload)`) up to and

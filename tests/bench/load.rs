@@ -79,6 +79,7 @@ fn distinct(base: &[u8], n: usize) -> Vec<u8> {
     out
 }
 
+/// A generated in-spec picture with a subject for the simulator's masks.
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
     let img = kling_archiver::demo::scene(w, h, 1);
     let mut out = std::io::Cursor::new(Vec::new());
@@ -154,14 +155,30 @@ async fn run_one(
     .await
     .unwrap();
 
-    let base = match mix {
-        "in" => jpeg(320, 320),
-        _ => jpeg(200, 150),
-    };
+    let in_spec = jpeg(320, 320);
+    let small = kling_archiver::demo::scene(200, 150, 1);
     for n in 0..jobs {
+        let image = match mix {
+            "in" => distinct(&in_spec, n),
+            // Out of spec: the pixels themselves must differ, or every
+            // prepared image would be the same and reuse one recognition.
+            _ => {
+                let mut img = small.clone();
+                for (i, b) in (n as u32).to_le_bytes().iter().enumerate() {
+                    for dx in 0..8 {
+                        for dy in 0..8 {
+                            img.put_pixel(i as u32 * 8 + dx, dy, image::Rgb([*b, 255 - *b, *b]));
+                        }
+                    }
+                }
+                let mut out = std::io::Cursor::new(Vec::new());
+                img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+                out.into_inner()
+            }
+        };
         let body = serde_json::json!({
             "job_id": format!("load-{concurrency}-{mix}-{n}"),
-            "image_base64": base64::engine::general_purpose::STANDARD.encode(distinct(&base, n)),
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(image),
         });
         ch.basic_publish(
             "".into(),
