@@ -11,6 +11,8 @@
 //! saved by reuse. The archive is a local directory on disk; the simulator
 //! runs in this process, the worker in its own.
 //!
+//! `LOAD_ARCHIVE_DIR=/dev/shm` puts the archive in memory (no disk fsync).
+//!
 //! Flags: `--jobs-per-slot K` (default 20: N = K x C), `--latency-ms L`
 //! (default 1000), `--concurrency 32,128`, `--mix in,out`.
 
@@ -87,6 +89,22 @@ fn jpeg(w: u32, h: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+/// (busy, total) jiffies of the whole machine, from /proc/stat.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
 /// (utime + stime seconds, VmHWM kB) of a process.
 fn usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -115,6 +133,9 @@ struct Run {
     cpu_per_job_ms: f64,
     peak_rss_mb: f64,
     billed: u64,
+    /// Share of all the machine's cores busy during the run (worker,
+    /// simulator, RabbitMQ, everything).
+    machine_busy: f64,
 }
 
 async fn run_one(
@@ -163,11 +184,14 @@ async fn run_one(
             // Out of spec: the pixels themselves must differ, or every
             // prepared image would be the same and reuse one recognition.
             _ => {
+                // The job number as 16 black or white 8x8 blocks: survives
+                // JPEG quantisation, so no two prepared images are equal.
                 let mut img = small.clone();
-                for (i, b) in (n as u32).to_le_bytes().iter().enumerate() {
+                for bit in 0..16u32 {
+                    let v = if (n >> bit) & 1 == 1 { 255 } else { 0 };
                     for dx in 0..8 {
                         for dy in 0..8 {
-                            img.put_pixel(i as u32 * 8 + dx, dy, image::Rgb([*b, 255 - *b, *b]));
+                            img.put_pixel(bit * 8 + dx, dy, image::Rgb([v, v, v]));
                         }
                     }
                 }
@@ -204,6 +228,7 @@ async fn run_one(
         .await
         .unwrap();
     let started = Instant::now();
+    let machine_before = machine_jiffies();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -244,6 +269,7 @@ async fn run_one(
         }
     }
     let elapsed = started.elapsed();
+    let machine_after = machine_jiffies();
     let (cpu, hwm) = usage(pid);
     let hwm = hwm.max(peak.1);
     let ramp = ramp_done.unwrap_or(started);
@@ -272,6 +298,8 @@ async fn run_one(
         cpu_per_job_ms: cpu * 1e3 / jobs as f64,
         peak_rss_mb: hwm as f64 / 1024.0,
         billed: sim.stats().billed_calls - billed_before,
+        machine_busy: (machine_after.0 - machine_before.0) as f64
+            / (machine_after.1 - machine_before.1).max(1) as f64,
     }
 }
 
@@ -284,12 +312,17 @@ async fn main() {
     let conn = Connection::connect(AMQP, ConnectionProperties::default())
         .await
         .expect("RabbitMQ at 127.0.0.1:5672");
-    let archive = tempfile::tempdir().unwrap();
+    // LOAD_ARCHIVE_DIR=/dev/shm puts the archive in memory, to tell the
+    // cost of fsync on this disk from the worker's own.
+    let archive = match std::env::var_os("LOAD_ARCHIVE_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let l = args.latency.as_secs_f64();
     let mut table = format!(
         "load: simulator latency {:.0} ms, {} jobs per slot, worker binary in its own process\n\n\
-         | concurrency | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | CPU ms/job | peak RSS MB | billed |\n\
-         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | concurrency | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | worker CPU ms/job | worker peak RSS MB | billed | machine busy |\n\
+         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         l * 1e3,
         args.jobs_per_slot
     );
@@ -300,14 +333,15 @@ async fn main() {
             let rate = r.jobs as f64 / r.seconds;
             let bound = c as f64 / l;
             let row = format!(
-                "| {c} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.1} | {:.0} | {} |\n",
+                "| {c} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % |\n",
                 r.jobs,
                 r.seconds,
                 rate / bound,
                 r.after_ramp / bound,
                 r.cpu_per_job_ms,
                 r.peak_rss_mb,
-                r.billed
+                r.billed,
+                r.machine_busy * 100.0
             );
             eprint!("{row}");
             table.push_str(&row);
