@@ -86,33 +86,6 @@ fn big_png() -> Vec<u8> {
     out
 }
 
-/// A PNG whose header declares 60000x60000 (3.6 gigapixels) with a tiny
-/// body: a decompression bomb.
-fn bomb_png() -> Vec<u8> {
-    let mut png = enc(&rgb(64, 64, 1), ImageFormat::Png);
-    png[16..20].copy_from_slice(&60_000u32.to_be_bytes());
-    png[20..24].copy_from_slice(&60_000u32.to_be_bytes());
-    // Fix the IHDR CRC so the header parses and only the size is wrong.
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corpus_of_real_world_inputs_is_archived_or_dead_lettered_with_a_reason() {
     let env = TestEnv::new(Backend::Local).await;
@@ -171,7 +144,11 @@ async fn a_corpus_of_real_world_inputs_is_archived_or_dead_lettered_with_a_reaso
         ("c-corrupt", corrupt, "image_undecodable"),
         ("c-trunc", truncated, "image_truncated"),
         ("c-empty", Vec::new(), "job_invalid_base64"),
-        ("c-bomb", bomb_png(), "image_too_many_pixels"),
+        (
+            "c-bomb",
+            common::dimension_bomb_png(),
+            "image_too_many_pixels",
+        ),
         // A GIF header (16x16) and then text.
         (
             "c-text",

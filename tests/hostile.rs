@@ -28,25 +28,6 @@ fn peak_rss_mb() -> f64 {
         / 1024.0
 }
 
-fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-    let mut out = (data.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in kind.iter().chain(data) {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    out.extend_from_slice(&(!crc).to_be_bytes());
-    out
-}
-
 /// An in-spec PNG with an iCCP chunk that inflates to 1 GiB, before the
 /// pixels: a decoder that reads metadata without a limit is the victim.
 fn png_chunk_bomb() -> Vec<u8> {
@@ -61,7 +42,7 @@ fn png_chunk_bomb() -> Vec<u8> {
     iccp.extend_from_slice(&z.finish().unwrap());
     // Signature (8) + IHDR chunk (25): insert right after.
     let mut out = png[..33].to_vec();
-    out.extend_from_slice(&png_chunk(b"iCCP", &iccp));
+    out.extend_from_slice(&common::png_chunk(b"iCCP", &iccp));
     out.extend_from_slice(&png[33..]);
     out
 }
@@ -69,16 +50,6 @@ fn png_chunk_bomb() -> Vec<u8> {
 /// Header of a 16x16 GIF followed by JavaScript (a GIF/JS polyglot).
 fn gif_js_polyglot() -> Vec<u8> {
     b"GIF89a\x10\x00\x10\x00\x00\x00\x00/*\x00*/=1;alert(document.domain)//".to_vec()
-}
-
-/// A PNG whose header declares 60000x60000 with a tiny body.
-fn dimension_bomb() -> Vec<u8> {
-    let mut png = common::png(64, 64);
-    png[16..20].copy_from_slice(&60_000u32.to_be_bytes());
-    png[20..24].copy_from_slice(&60_000u32.to_be_bytes());
-    let fixed = png_chunk(b"IHDR", &png[16..29]);
-    png[8..33].copy_from_slice(&fixed);
-    png
 }
 
 /// A hostile HTTP server on loopback: redirects to private addresses and
@@ -193,7 +164,11 @@ async fn hostile_input_is_dead_lettered_with_a_reason_and_the_worker_carries_on(
             b"\x89PNG\r\n\x1a\n\x00\x00garbage".to_vec(),
             "image_undecodable",
         ),
-        ("h-bomb", dimension_bomb(), "image_too_many_pixels"),
+        (
+            "h-bomb",
+            common::dimension_bomb_png(),
+            "image_too_many_pixels",
+        ),
         ("h-chunk-bomb", png_chunk_bomb(), "image_resource_limit"),
         ("h-polyglot", gif_js_polyglot(), "image_undecodable"),
         (

@@ -492,6 +492,37 @@ pub fn worker_binary(env: &TestEnv) -> std::process::Command {
     cmd
 }
 
+/// One PNG chunk: length, type, data, CRC-32.
+pub fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut out = u32::try_from(data.len()).unwrap().to_be_bytes().to_vec();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in kind.iter().chain(data) {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    out.extend_from_slice(&(!crc).to_be_bytes());
+    out
+}
+
+/// A PNG whose (valid) header declares 60000x60000 pixels over a 64x64
+/// body: a decompression bomb.
+pub fn dimension_bomb_png() -> Vec<u8> {
+    let mut png = png(64, 64);
+    let mut ihdr = png[16..29].to_vec();
+    ihdr[..4].copy_from_slice(&60_000u32.to_be_bytes());
+    ihdr[4..8].copy_from_slice(&60_000u32.to_be_bytes());
+    png.splice(8..33, png_chunk(b"IHDR", &ihdr));
+    png
+}
+
 /// A generated test image.
 pub fn jpeg(w: u32, h: u32) -> Vec<u8> {
     encode(
