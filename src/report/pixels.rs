@@ -263,11 +263,20 @@ mod tests {
     }
 
     /// Run the real `prepare` on `source`, cut out the red block from what
-    /// was prepared, overlay it on the source thumbnail, and compare: every
-    /// thumbnail pixel that is clearly red must be covered, every one that
-    /// is clearly grey must not. Pixels on the block's edge (mixed by the
-    /// resamplers) are not judged.
-    fn assert_overlay_lines_up(source: Vec<u8>, orientation: u8, expect_steps: &[&str]) {
+    /// was prepared, overlay it on the source thumbnail, and compare with
+    /// where the block is on the upright source (`block`, in upright
+    /// pixels): every thumbnail pixel whose centre lies inside the block
+    /// must be covered, every one outside must not, and the thumbnail must
+    /// show red exactly there. Centres within `EDGE` upright pixels plus one
+    /// thumbnail pixel of the block's border (mixed by the resamplers and
+    /// JPEG) are not judged.
+    fn assert_overlay_lines_up(
+        source: Vec<u8>,
+        orientation: u8,
+        block: (u32, u32, u32, u32),
+        expect_steps: &[&str],
+    ) {
+        const EDGE: f64 = 3.0;
         let prepared = prepare(source.clone().into(), &Spec::KLING, &Limits::default()).unwrap();
         let ops: Vec<String> = prepared
             .transforms
@@ -288,23 +297,39 @@ mod tests {
         let ov = overlay(&mask, &prepared.transforms, &frame);
         let pic = image::load_from_memory(&thumb.jpeg).unwrap().into_rgb8();
         assert_eq!(pic.dimensions(), ov.dimensions());
-        let (mut red, mut grey, mut bad) = (0, 0, Vec::new());
+        let [dw, dh] = displayed_dims(orientation, frame.stored);
+        let (x0, y0, x1, y1) = (
+            f64::from(block.0),
+            f64::from(block.1),
+            f64::from(block.2),
+            f64::from(block.3),
+        );
+        // A thumbnail pixel averages about one thumbnail pixel's footprint
+        // of the source: widen the unjudged band by that much.
+        let m = EDGE + f64::from(dw) / f64::from(frame.thumb[0]);
+        let (mut inside, mut outside, mut bad) = (0, 0, Vec::new());
         for (x, y, p) in pic.enumerate_pixels() {
             let covered = ov.get_pixel(x, y)[0] != 0;
-            let clearly_grey = (0..3).all(|c| p[c].abs_diff(120) < 25);
-            if is_red(p) {
-                red += 1;
-                if !covered {
-                    bad.push((x, y, "red but not covered"));
+            let u = (f64::from(x) + 0.5) * f64::from(dw) / f64::from(frame.thumb[0]);
+            let v = (f64::from(y) + 0.5) * f64::from(dh) / f64::from(frame.thumb[1]);
+            let deep_inside = u > x0 + m && u < x1 - m && v > y0 + m && v < y1 - m;
+            let far_outside = u < x0 - m || u > x1 + m || v < y0 - m || v > y1 + m;
+            if deep_inside {
+                inside += 1;
+                if !covered || !is_red(p) {
+                    bad.push((x, y, "inside the block but not covered (or not red)"));
                 }
-            } else if clearly_grey {
-                grey += 1;
-                if covered {
-                    bad.push((x, y, "grey but covered"));
+            } else if far_outside {
+                outside += 1;
+                if covered || is_red(p) {
+                    bad.push((x, y, "outside the block but covered (or red)"));
                 }
             }
         }
-        assert!(red > 200 && grey > 2000, "red {red}, grey {grey}");
+        assert!(
+            inside > 200 && outside > 2000,
+            "inside {inside}, outside {outside}"
+        );
         assert!(
             bad.is_empty(),
             "{} misplaced, e.g. {:?}",
@@ -317,9 +342,10 @@ mod tests {
     fn overlay_lines_up_on_a_padded_panorama() {
         // 1600x400 (4:1) is padded top and bottom to 2.5:1; the block sits
         // near the right edge so a wrong offset or scale shows.
-        let src = scene(1600, 400, (1300, 100, 1500, 300));
+        let block = (1300, 100, 1500, 300);
+        let src = scene(1600, 400, block);
         let bytes = encode(&DynamicImage::ImageRgb8(src), ImageFormat::Jpeg);
-        assert_overlay_lines_up(bytes, 1, &["pad", "encode"]);
+        assert_overlay_lines_up(bytes, 1, block, &["pad", "encode"]);
     }
 
     #[test]
@@ -327,11 +353,12 @@ mod tests {
         // Upright 300x240 with the block top-left; stored rotated (EXIF 6
         // = the stored pixels must turn 90° clockwise to stand up), so the
         // worker orients, upscales (240 < 300) and re-encodes.
-        let upright = scene(300, 240, (20, 30, 120, 110));
+        let block = (20, 30, 120, 110);
+        let upright = scene(300, 240, block);
         let stored = DynamicImage::ImageRgb8(upright).rotate270();
         let jpeg = encode(&stored, ImageFormat::Jpeg);
         let bytes = with_exif_orientation(&jpeg, 6);
-        assert_overlay_lines_up(bytes, 6, &["orient", "resize", "encode"]);
+        assert_overlay_lines_up(bytes, 6, block, &["orient", "resize", "encode"]);
     }
 
     #[test]
