@@ -11,7 +11,10 @@ fuzz_target!(|body: &[u8]| {
         Ok(job) => {
             let id = job.id.as_str();
             assert!(!id.is_empty() && id.len() <= 128);
-            assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            );
             assert!(id != "." && id != "..");
         }
         Err(e) => {

@@ -15,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(out) = prepare(bytes::Bytes::copy_from_slice(data), &Spec::KLING, &limits) {
         let p = probe(&out.bytes).expect("a prepared image probes");
-        assert!(check(&p, &Spec::KLING).is_empty(), "prepared image out of spec");
+        assert!(
+            check(&p, &Spec::KLING).is_empty(),
+            "prepared image out of spec"
+        );
     }
 });
