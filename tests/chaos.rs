@@ -95,8 +95,12 @@ async fn kill_9_twice_mid_batch_loses_nothing_and_bills_only_what_was_in_flight(
     for stop_at in [40, 110] {
         let mut child = start();
         wait_archived(&store, stop_at, Duration::from_secs(120)).await;
-        // Calls Kling has open, and the worker's unfinished jobs (at most
-        // its concurrency): what a kill can make it pay for twice.
+        // Kill while Kling calls are open: the window a kill can make the
+        // worker pay for twice (at most its concurrency).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while env.sim.stats().in_flight == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         in_flight_at_kills.push(env.sim.stats().in_flight);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
