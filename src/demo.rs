@@ -366,16 +366,7 @@ async fn print_summary(
 async fn manifest_detail(store: &Store, key: &str) -> Option<String> {
     let bytes = store.get(&ObjectKey::parse(key).ok()?).await.ok()??;
     let m: Manifest = serde_json::from_slice(&bytes).ok()?;
-    let steps = serde_json::to_value(&m.prepared.transforms).ok()?;
-    let ops: Vec<String> = steps
-        .get("steps")
-        .and_then(|s| s.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.get("op").and_then(|o| o.as_str()).map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let ops: Vec<&str> = m.prepared.transforms.steps.iter().map(|s| s.op()).collect();
     let missing = m
         .segments
         .iter()

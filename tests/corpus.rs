@@ -198,18 +198,7 @@ async fn a_corpus_of_real_world_inputs_is_archived_or_dead_lettered_with_a_reaso
         let key =
             kling_archiver::archive::ObjectKey::parse(&format!("jobs/{id}/manifest.json")).unwrap();
         let m: Manifest = serde_json::from_slice(&store.get(&key).await.unwrap().unwrap()).unwrap();
-        let ops: Vec<String> = m
-            .prepared
-            .transforms
-            .steps
-            .iter()
-            .map(|s| {
-                serde_json::to_value(s).unwrap()["op"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
+        let ops: Vec<&str> = m.prepared.transforms.steps.iter().map(|s| s.op()).collect();
         for op in *steps {
             if !ops.iter().any(|o| o == op) {
                 problems.push(format!("{id}: expected a {op} step, got {ops:?}"));

@@ -66,6 +66,16 @@ pub enum Transform {
 }
 
 impl Transform {
+    /// The step's name, as the manifest's `op` tag spells it.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Transform::Orient { .. } => "orient",
+            Transform::Resize { .. } => "resize",
+            Transform::Pad { .. } => "pad",
+            Transform::Encode { .. } => "encode",
+        }
+    }
+
     fn output_dims(&self, [w, h]: [u32; 2]) -> [u32; 2] {
         match *self {
             Transform::Orient { exif } if swaps_axes(exif) => [h, w],
@@ -490,6 +500,9 @@ mod tests {
             json["steps"].as_array().unwrap().last().unwrap()["op"],
             "encode"
         );
+        for (step, json) in rec.steps.iter().zip(json["steps"].as_array().unwrap()) {
+            assert_eq!(json["op"], step.op(), "op() agrees with the serde tag");
+        }
         let back: TransformRecord = serde_json::from_value(json).unwrap();
         assert_eq!(back, rec);
     }

@@ -278,17 +278,7 @@ mod tests {
     ) {
         const EDGE: f64 = 3.0;
         let prepared = prepare(source.clone().into(), &Spec::KLING, &Limits::default()).unwrap();
-        let ops: Vec<String> = prepared
-            .transforms
-            .steps
-            .iter()
-            .map(|s| {
-                serde_json::to_value(s).unwrap()["op"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
+        let ops: Vec<&str> = prepared.transforms.steps.iter().map(|s| s.op()).collect();
         for op in expect_steps {
             assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
         }
