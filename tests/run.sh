@@ -33,20 +33,11 @@ if command -v rabbitmqctl >/dev/null 2>&1; then
     | while read -r q; do rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
 fi
 
-# The report tests render pages in Debian's Chromium (headless).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "Chromium is missing; installing Debian's chromium for the report tests…"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -q chromium >/dev/null \
-    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; } \
-    || true
-fi
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "error: Chromium is required for the report tests and could not be installed ('apt-get install chromium')." >&2
-  exit 1
-fi
+# Debian packages the build and the tests need, installed when missing:
+# cmake and nasm (libjpeg-turbo), Chromium (the report tests render pages
+# in a headless browser).
+. tests/debian-tools.sh
+ensure_debian_tools "${build_tools[@]}" "chromium:the report tests (headless browser)"
 
 # Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
 # logins; the tests' own connections then fail fast with a clear message.

@@ -3,12 +3,14 @@
 //! downscaling) until the result fits the spec. Part of `prepare`; knows
 //! nothing about RabbitMQ, S3 or HTTP.
 //!
-//! Speed: `image` decodes every format (its JPEG decoder is zune-jpeg),
-//! but its resampler and JPEG encoder are scalar and slow. Resizing uses
-//! `fast_image_resize` (SIMD convolution, alpha premultiplied on the fly)
-//! with one `Resizer` per thread, so its scratch buffers live across jobs;
-//! JPEG encoding uses `jpeg-encoder` (AVX2 colour conversion and DCT).
-//! `tests/bench/prepare.sh` measures the result against libvips.
+//! Speed: `image` decodes every format, but its resampler and JPEG codec
+//! are slow next to libvips. 8-bit JPEGs are decoded, and every JPEG is
+//! encoded, by libjpeg-turbo (`jpeg.rs`); a JPEG whose only fault is its
+//! EXIF orientation is turned losslessly without decoding at all.
+//! Resizing uses `fast_image_resize` (SIMD convolution, alpha premultiplied
+//! on the fly) with one `Resizer` per thread, so its scratch buffers live
+//! across jobs. `tests/bench/prepare.sh` measures the result against
+//! libvips.
 
 use std::borrow::Cow;
 use std::io::Cursor;
@@ -17,12 +19,14 @@ use std::cell::RefCell;
 
 use fast_image_resize as fir;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
-use image::{DynamicImage, ImageBuffer, ImageReader, Rgb, RgbImage, Rgba, RgbaImage};
+use image::{DynamicImage, ImageBuffer, ImageReader, Luma, Rgb, RgbImage, Rgba, RgbaImage};
+
+use super::jpeg::Chan;
 
 use super::probe::{from_image_error, guard_panic};
 use super::{
-    Limits, OutputFormat, Plan, PrepareError, Prepared, Probe, Spec, Transform, Violation, check,
-    estimate_decode_pixels, plan, probe,
+    ColourModel, Limits, Margins, OutputFormat, Plan, PrepareError, Prepared, Probe, SourceFormat,
+    Spec, Transform, TransformRecord, Violation, check, estimate_decode_pixels, jpeg, plan, probe,
 };
 
 /// Resampling filter for every resize, up or down.
@@ -69,33 +73,182 @@ pub(super) fn fix(
     spec: &Spec,
     limits: &Limits,
 ) -> Result<Prepared, PrepareError> {
-    let pixels = normalise(decode(data, &source, limits)?, source.orientation);
     let planned = plan(source.width, source.height, source.orientation, spec);
     let mut plan = fit_pixel_budget(planned, spec, output_pixel_budget(&source, spec, limits))?;
+    if let Some(turned) = turn_losslessly(data, &source, &violations, &plan, spec) {
+        return Ok(turned);
+    }
+    if let Some(prepared) = fix_in_planes(data, &source, &violations, &plan, spec)? {
+        return Ok(prepared);
+    }
+    let pixels = match decode_turbo(data, &source) {
+        Some(rgb) => Pixels::Rgb(orient(rgb, source.orientation)),
+        None => normalise(decode(data, &source, limits)?, source.orientation),
+    };
     if pixels.dims() != plan.oriented {
         return Err(PrepareError::Undecodable {
             reason: "the decoded size differs from the header".to_owned(),
         });
     }
     let (bytes, effort) = encode_to_fit(&pixels, &mut plan, spec)?;
+    let record = plan.record(pixels.pad_color(), effort.transform());
+    finish(bytes, effort.format(), source, violations, record, spec)
+}
 
-    // Cheap (header only) proof that the promise holds; a failure is a bug.
+/// Wrap up a prepared image after a cheap (header only) proof that the
+/// promise holds: in spec, and the size the record says. A failure is a bug.
+fn finish(
+    bytes: Vec<u8>,
+    format: OutputFormat,
+    source: Probe,
+    violations: Vec<Violation>,
+    transforms: TransformRecord,
+    spec: &Spec,
+) -> Result<Prepared, PrepareError> {
     let out = probe(&bytes)?;
     let left = check(&out, spec);
-    if !left.is_empty() || [out.width, out.height] != plan.canvas {
+    if !left.is_empty() || [out.width, out.height] != transforms.output {
         return Err(PrepareError::Encode {
-            reason: format!("the prepared image is still out of spec: {left:?}"),
+            reason: format!(
+                "the prepared image is still out of spec: {left:?}, {}x{}",
+                out.width, out.height
+            ),
         });
     }
     Ok(Prepared {
         bytes: bytes.into(),
-        format: effort.format(),
+        format,
         width: out.width,
         height: out.height,
         source,
         violations,
-        transforms: plan.record(pixels.pad_color(), effort.transform()),
+        transforms,
     })
+}
+
+/// The fast path for the commonest fix of all, a phone photo stored
+/// sideways: a JPEG whose only fault is its EXIF orientation is turned in
+/// the DCT domain (no decode, no quality loss). `None` sends the caller
+/// down the decoding path: another fault too, a colour model libjpeg-turbo
+/// does not handle, edges that are not whole MCUs, or a result that does
+/// not check out.
+fn turn_losslessly(
+    data: &[u8],
+    source: &Probe,
+    violations: &[Violation],
+    plan: &Plan,
+    spec: &Spec,
+) -> Option<Prepared> {
+    let only_orientation = matches!(violations, [Violation::Orientation { .. }]);
+    if !only_orientation
+        || source.format != SourceFormat::Jpeg
+        || source.colour != ColourModel::Standard
+        || plan.resizes()
+        || plan.canvas != plan.oriented
+    {
+        return None;
+    }
+    let bytes = jpeg::orient_lossless(data, source.orientation)?;
+    let lossless = Transform::Encode {
+        format: OutputFormat::Jpeg,
+        quality: None,
+    };
+    let record = plan.record(WHITE, lossless);
+    finish(
+        bytes,
+        OutputFormat::Jpeg,
+        *source,
+        violations.to_vec(),
+        record,
+        spec,
+    )
+    .inspect_err(|e| tracing::debug!(error = %e, "the lossless turn did not check out"))
+    .ok()
+}
+
+/// JPEG in, JPEG out, nothing resized (a turn that is not lossless, a
+/// re-encode to fit the size limit, padding a panorama): done on the
+/// stream's own YCbCr planes, with no colour conversion either way and
+/// half the memory of RGB. `None` sends the caller down the RGB path:
+/// a resize, margins or a turned frame of odd size (4:2:0 chroma would
+/// land half a pixel off), a stream libjpeg-turbo cannot give as planes,
+/// or one that does not fit the size limit even at the quality floor
+/// (the RGB path downscales).
+fn fix_in_planes(
+    data: &[u8],
+    source: &Probe,
+    violations: &[Violation],
+    plan: &Plan,
+    spec: &Spec,
+) -> Result<Option<Prepared>, PrepareError> {
+    let odd = |v: u32| v % 2 == 1;
+    let Margins { left, top, .. } = plan.margins;
+    if source.format != SourceFormat::Jpeg
+        || source.colour != ColourModel::Standard
+        || plan.resizes()
+        || odd(left)
+        || odd(top)
+        || (plan.orientation != 1 && (odd(source.width) || odd(source.height)))
+    {
+        return Ok(None);
+    }
+    let planes = match jpeg::decode_planes(data, [source.width, source.height]) {
+        Ok(Some(planes)) => planes,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::debug!(error = %e, "libjpeg-turbo declined the planes; decoding to RGB");
+            return Ok(None);
+        }
+    };
+    let [w, h] = plan.canvas;
+    let planes = planes
+        .map(|p, _| orient(p, plan.orientation))
+        .map(|p, chan| {
+            let (canvas, at, fill) = match chan {
+                Chan::Luma => ([w, h], [left, top], 255),
+                Chan::Chroma => ([w.div_ceil(2), h.div_ceil(2)], [left / 2, top / 2], 128),
+            };
+            pad(Cow::Owned(p), canvas, at, Luma([fill])).into_owned()
+        });
+    for &effort in &JPEG_EFFORTS {
+        let Effort::Jpeg(quality) = effort else {
+            continue;
+        };
+        let bytes = jpeg::encode_planes(&planes, quality)?;
+        tracing::debug!(
+            width = w,
+            height = h,
+            quality,
+            bytes = bytes.len(),
+            "encoded planes"
+        );
+        if bytes.len() as u64 <= spec.max_bytes {
+            let record = plan.record(WHITE, effort.transform());
+            return finish(
+                bytes,
+                OutputFormat::Jpeg,
+                *source,
+                violations.to_vec(),
+                record,
+                spec,
+            )
+            .map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// libjpeg-turbo decode of an 8-bit JPEG; `None` for other formats and
+/// colour models, and when libjpeg-turbo finds fault with the stream (the
+/// `image` decoder then gets its chance, and gives the error if it fails
+/// too).
+fn decode_turbo(data: &[u8], source: &Probe) -> Option<RgbImage> {
+    if source.format != SourceFormat::Jpeg || source.colour != ColourModel::Standard {
+        return None;
+    }
+    jpeg::decode_rgb(data, [source.width, source.height])
+        .inspect_err(|e| tracing::debug!(error = %e, "libjpeg-turbo declined; trying image"))
+        .ok()
 }
 
 /// Encode with falling effort, then at falling scale, until the output fits
@@ -217,7 +370,7 @@ const TURN_TILE: u32 = 64;
 /// left to `image`; the quarter turns (5-8, every portrait phone photo)
 /// are done tile by tile, several times faster than pixel by pixel over
 /// the whole frame.
-fn orient<P: image::Pixel<Subpixel = u8>>(
+pub(super) fn orient<P: image::Pixel<Subpixel = u8>>(
     img: ImageBuffer<P, Vec<u8>>,
     exif: u8,
 ) -> ImageBuffer<P, Vec<u8>> {
@@ -293,7 +446,7 @@ impl Pixels {
                     Cow::Borrowed(img)
                 };
                 let [r, g, b, _] = WHITE;
-                Canvas::Rgb(pad(content, plan, Rgb([r, g, b])))
+                Canvas::Rgb(pad(content, plan.canvas, plan.margins.at(), Rgb([r, g, b])))
             }
             Pixels::Rgba(img) => {
                 // Premultiplied by `fast_image_resize` (use_alpha), so the
@@ -303,28 +456,39 @@ impl Pixels {
                 } else {
                     Cow::Borrowed(img)
                 };
-                Canvas::Rgba(pad(content, plan, Rgba(TRANSPARENT)))
+                Canvas::Rgba(pad(
+                    content,
+                    plan.canvas,
+                    plan.margins.at(),
+                    Rgba(TRANSPARENT),
+                ))
             }
         })
     }
 }
 
-/// Place the (resized) content on a canvas of `color`, at the planned margins.
+/// Place the (resized) content on a `canvas`-sized field of `color`, its
+/// top-left corner at `at`.
 fn pad<'a, P: image::Pixel>(
     content: Cow<'a, ImageBuffer<P, Vec<P::Subpixel>>>,
-    plan: &Plan,
+    canvas: [u32; 2],
+    at: [u32; 2],
     color: P,
 ) -> Cow<'a, ImageBuffer<P, Vec<P::Subpixel>>> {
-    if plan.canvas == plan.content {
+    if canvas == [content.width(), content.height()] {
         return content;
     }
-    let mut canvas = ImageBuffer::from_pixel(plan.canvas[0], plan.canvas[1], color);
+    let [left, top] = at.map(|v| v as usize);
+    debug_assert!(
+        left + content.width() as usize <= canvas[0] as usize
+            && top + content.height() as usize <= canvas[1] as usize
+    );
+    let mut canvas = ImageBuffer::from_pixel(canvas[0], canvas[1], color);
     // Row copies: the content always fits inside the canvas (the plan's
     // margins are what is left around it).
     let channels = usize::from(P::CHANNEL_COUNT);
     let row = content.width() as usize * channels;
-    let stride = plan.canvas[0] as usize * channels;
-    let (left, top) = (plan.margins.left as usize, plan.margins.top as usize);
+    let stride = canvas.width() as usize * channels;
     let src = content.as_raw();
     let dst: &mut [P::Subpixel] = &mut canvas;
     for (y, line) in src.chunks_exact(row.max(1)).enumerate() {
@@ -373,22 +537,7 @@ impl Canvas<'_> {
     fn encode(&self, effort: Effort) -> Result<Vec<u8>, PrepareError> {
         let mut out = Vec::new();
         let result = match (self, effort) {
-            (Canvas::Rgb(img), Effort::Jpeg(q)) => {
-                let (Ok(w), Ok(h)) = (u16::try_from(img.width()), u16::try_from(img.height()))
-                else {
-                    return Err(PrepareError::Encode {
-                        reason: "JPEG is limited to 65535 px a side".into(),
-                    });
-                };
-                let mut enc = jpeg_encoder::Encoder::new(&mut out, q);
-                enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
-                return enc
-                    .encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
-                    .map(|()| out)
-                    .map_err(|e| PrepareError::Encode {
-                        reason: e.to_string(),
-                    });
-            }
+            (Canvas::Rgb(img), Effort::Jpeg(q)) => return jpeg::encode_rgb(img, q),
             (Canvas::Rgba(img), Effort::Png(level)) => img.write_with_encoder(
                 PngEncoder::new_with_quality(&mut out, level, PngFilter::Adaptive),
             ),

@@ -58,7 +58,10 @@ pub enum Transform {
         bottom: u32,
         color: [u8; 4],
     },
-    /// Re-encoded; always the last step when anything changed.
+    /// Written out; always the last step when anything changed. `quality`
+    /// is the JPEG quality of a re-encode; `None` for PNG, and for a JPEG
+    /// rewritten losslessly (its DCT coefficients moved by an orientation
+    /// turn, not re-quantised).
     Encode {
         format: OutputFormat,
         quality: Option<u8>,
@@ -238,6 +241,13 @@ pub struct Margins {
     pub top: u32,
     pub right: u32,
     pub bottom: u32,
+}
+
+impl Margins {
+    /// Where the content's top-left corner sits on the canvas.
+    pub fn at(&self) -> [u32; 2] {
+        [self.left, self.top]
+    }
 }
 
 /// The geometric part of a fix, decided from dimensions alone.

@@ -200,33 +200,55 @@ fn sixteen_bit_png_comes_out_with_correct_8_bit_colours() {
 
 #[test]
 fn exif_orientation_6_is_applied_and_mapped_back() {
-    // 400x320 grey, with a red 40x40 block in the stored top-left corner.
-    let src = RgbImage::from_fn(400, 320, |x, y| {
-        if x < 40 && y < 40 {
-            Rgb([230, 0, 0])
+    // 4:2:0 at 400x320 is whole 16x16 blocks: turned losslessly, without
+    // a decode. 408x330 is not (a quarter turn would move the partial edge
+    // blocks to the top), and 4:4:4 is lighter to decode than to turn:
+    // both decoded, turned and re-encoded.
+    for ([w, h], chroma_420, encode_step) in [
+        ([400, 320], true, None),
+        ([408, 330], true, Some(90)),
+        ([400, 320], false, Some(90)),
+    ] {
+        // Grey, with a red 40x40 block in the stored top-left corner.
+        let src = RgbImage::from_fn(w, h, |x, y| {
+            if x < 40 && y < 40 {
+                Rgb([230, 0, 0])
+            } else {
+                Rgb([128, 128, 128])
+            }
+        });
+        let jpeg = if chroma_420 {
+            jpeg_420(&src, 90)
         } else {
-            Rgb([128, 128, 128])
-        }
-    });
-    let jpeg = with_exif_orientation(&encode(&DynamicImage::ImageRgb8(src), ImageFormat::Jpeg), 6);
-    let out = run(jpeg).unwrap();
-    let img = assert_in_spec(&out).into_rgb8();
-    assert_eq!(
-        (out.width, out.height),
-        (320, 400),
-        "rotated: sides swapped"
-    );
-    assert_eq!(out.violations, vec![Violation::Orientation { exif: 6 }]);
-    assert_eq!(out.transforms.steps[0], Transform::Orient { exif: 6 });
+            encode(&DynamicImage::ImageRgb8(src), ImageFormat::Jpeg)
+        };
+        let jpeg = with_exif_orientation(&jpeg, 6);
+        let out = run(jpeg).unwrap();
+        let img = assert_in_spec(&out).into_rgb8();
+        assert_eq!((out.width, out.height), (h, w), "rotated: sides swapped");
+        assert_eq!(out.violations, vec![Violation::Orientation { exif: 6 }]);
+        assert_eq!(
+            out.transforms.steps,
+            vec![
+                Transform::Orient { exif: 6 },
+                Transform::Encode {
+                    format: OutputFormat::Jpeg,
+                    quality: encode_step
+                }
+            ],
+            "{w}x{h}"
+        );
+        assert_eq!(probe(&out.bytes).unwrap().orientation, 1, "EXIF tag gone");
 
-    // Rotating 90 degrees clockwise takes the top-left corner to the top-right.
-    let (u, v) = out.transforms.to_prepared(20.0, 20.0);
-    assert_eq!((u, v), (300.0, 20.0));
-    let px = img.get_pixel(u as u32, v as u32);
-    assert!(px[0] > 200 && px[1] < 50, "marked corner {px:?}");
-    assert_eq!(out.transforms.to_source(u, v), Some((20.0, 20.0)));
-    let grey = img.get_pixel(20, 20);
-    assert!(grey[0] < 160 && grey[1] > 100, "unmarked corner {grey:?}");
+        // Rotating 90 degrees clockwise takes the top-left corner to the top-right.
+        let (u, v) = out.transforms.to_prepared(20.0, 20.0);
+        assert_eq!((u, v), (f64::from(h) - 20.0, 20.0));
+        let px = img.get_pixel(u as u32, v as u32);
+        assert!(px[0] > 200 && px[1] < 50, "marked corner {px:?}");
+        assert_eq!(out.transforms.to_source(u, v), Some((20.0, 20.0)));
+        let grey = img.get_pixel(20, 20);
+        assert!(grey[0] < 160 && grey[1] > 100, "unmarked corner {grey:?}");
+    }
 }
 
 #[test]

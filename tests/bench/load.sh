@@ -6,6 +6,8 @@
 # flags go to the bench: --jobs-per-slot K --latency-ms L --concurrency 32,128 --mix in,out
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/debian-tools.sh
+ensure_debian_tools "${build_tools[@]}"
 (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || {
   echo "error: RabbitMQ is required on 127.0.0.1:5672 (rabbitmq-server -detached)" >&2
   exit 1

@@ -26,6 +26,8 @@ use image::{DynamicImage, ImageFormat, RgbImage};
 use kling_archiver::prepare::{self, Limits, Spec, Transform};
 
 const RUNS: usize = 7;
+/// The 12 MP cases whose peak memory per job is compared.
+const RSS_CASES: [&str; 4] = ["jpeg_12mp_phone", "jpeg_12mp", "jpeg_12mp_big", "png_12mp"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -100,6 +102,21 @@ fn jpeg_q(img: &RgbImage, q: u8) -> Vec<u8> {
     out
 }
 
+/// 4:2:0 chroma, as phones write (`image`'s encoder writes 4:4:4).
+fn jpeg_420(img: &RgbImage, q: i32) -> Vec<u8> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let image = turbojpeg::Image {
+        pixels: img.as_raw().as_slice(),
+        width: w,
+        pitch: w * 3,
+        height: h,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    turbojpeg::compress(image, q, turbojpeg::Subsamp::Sub2x2)
+        .expect("jpeg")
+        .to_vec()
+}
+
 struct Case {
     name: &'static str,
     what: &'static str,
@@ -109,6 +126,11 @@ struct Case {
 fn cases() -> Vec<Case> {
     let twelve = photo(4000, 3000, 1);
     let rotated = kling_archiver::demo::with_exif_orientation(&jpeg_q(&twelve, 92), 6);
+    // The 12 MP frame of most phones, 4032x3024: whole 16 px blocks, so
+    // the EXIF turn is lossless (DCT domain, no decode). 4000x3000 is not:
+    // 3000 rows end in a partial block, so that one is decoded.
+    let phone =
+        kling_archiver::demo::with_exif_orientation(&jpeg_420(&photo(4032, 3024, 2), 92), 6);
     // A 12 MP PNG over 20 MB: photo-like content with more grain.
     let noisy = RgbImage::from_fn(4000, 3000, {
         let mut s = 7u32;
@@ -122,13 +144,18 @@ fn cases() -> Vec<Case> {
     });
     vec![
         Case {
+            name: "jpeg_12mp_phone",
+            what: "4032x3024 JPEG 4:2:0, EXIF 6 (phone photo): lossless turn (libvips: decode, rotate, encode)",
+            bytes: phone,
+        },
+        Case {
             name: "jpeg_12mp",
-            what: "12 MP JPEG, EXIF 6 (phone photo): decode, rotate, encode",
+            what: "4000x3000 JPEG 4:4:4, EXIF 6: decode, rotate, encode",
             bytes: rotated,
         },
         Case {
             name: "jpeg_12mp_big",
-            what: "12 MP JPEG over 10 MB: decode, re-encode, downscale if needed",
+            what: "12 MP JPEG 4:4:4 over 10 MB: decode, re-encode, downscale if needed",
             bytes: jpeg_q(&noisy, 100),
         },
         Case {
@@ -138,7 +165,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "panorama",
-            what: "6000x1500 JPEG (4:1): decode, pad to 2.5:1, encode",
+            what: "6000x1500 JPEG 4:4:4 (4:1): decode, pad to 2.5:1, encode",
             bytes: jpeg_q(&photo(6000, 1500, 3), 90),
         },
         Case {
@@ -188,6 +215,9 @@ fn vips_plan(p: &prepare::Prepared) -> serde_json::Value {
             } => serde_json::json!({"op": "pad", "left": left, "top": top,
                 "width": p.width, "height": p.height, "right": right, "bottom": bottom, "color": color}),
             Transform::Encode { format, quality } => {
+                // A lossless turn has no quality; libvips has no lossless
+                // turn, so its side re-encodes at our usual quality.
+                let quality = quality.or((format == prepare::OutputFormat::Jpeg).then_some(90));
                 serde_json::json!({"op": "encode", "format": format.extension(), "quality": quality})
             }
         })
@@ -203,8 +233,8 @@ fn vips_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bench/vips_side.py")
 }
 
-/// Run the libvips side: returns its median seconds per case, and its
-/// per-job peak RSS for the 12 MP JPEG.
+/// Run the libvips side: returns its median milliseconds per case, and its
+/// per-job peak RSS for each of [`RSS_CASES`].
 fn vips(dir: &Path, plans: &serde_json::Value) -> serde_json::Value {
     let plan_file = dir.join("plans.json");
     std::fs::write(&plan_file, plans.to_string()).unwrap();
@@ -277,7 +307,7 @@ fn run_all() {
     }
     let v = vips(
         dir.path(),
-        &serde_json::json!({"cases": plans, "rss_case": dir.path().join("jpeg_12mp.in")}),
+        &serde_json::json!({"cases": plans, "rss_cases": RSS_CASES}),
     );
 
     line("| case | input | ours ms | libvips ms | ratio (libvips / ours) |".into());
@@ -333,14 +363,16 @@ fn run_all() {
     ));
 
     // Peak memory of one 12 MP job, each side in a fresh process.
-    let ours_kb = our_rss_kb(&dir.path().join("jpeg_12mp.in"));
-    let theirs_kb = v["rss_kb"].as_f64().unwrap_or(f64::NAN);
-    line(format!(
-        "peak RSS of one 12 MP job: ours {:.1} MB, libvips {:.1} MB, ratio ours / libvips {:.2}",
-        ours_kb as f64 / 1024.0,
-        theirs_kb / 1024.0,
-        ours_kb as f64 / theirs_kb
-    ));
+    for name in RSS_CASES {
+        let ours_kb = our_rss_kb(&dir.path().join(format!("{name}.in")));
+        let theirs_kb = v["rss_kb"][name].as_f64().unwrap_or(f64::NAN);
+        line(format!(
+            "peak RSS of one {name} job: ours {:.1} MB, libvips {:.1} MB, ratio ours / libvips {:.2}",
+            ours_kb as f64 / 1024.0,
+            theirs_kb / 1024.0,
+            ours_kb as f64 / theirs_kb
+        ));
+    }
     line(format!("libvips {}", v["version"].as_str().unwrap_or("?")));
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-prepare.md");

@@ -5,6 +5,8 @@
 # then prints the table and writes it to target/bench-prepare.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/debian-tools.sh
+ensure_debian_tools "${build_tools[@]}"
 
 if ! python3 -c 'import pyvips' >/dev/null 2>&1; then
   echo "installing libvips (Debian) and pyvips (PyPI) for the benchmark…"

@@ -4,8 +4,8 @@ Reads the plans written by the Rust side (for each case: the input file and
 the steps our `prepare` took, from its transform record), performs the same
 steps with pyvips in this process, single-threaded (VIPS_CONCURRENCY=1, set
 by the caller) and with the operation cache off, and prints JSON: the median
-milliseconds per case, the peak RSS of one 12 MP job measured in a fresh
-process, and the libvips version.
+milliseconds per case, the peak RSS of one job of each named 12 MP case,
+each measured in a fresh process, and the libvips version.
 
 Usage: vips_side.py PLANS.json RUNS        (what prepare.rs runs)
        vips_side.py rss PLAN.json          (one job; prints rss_kb N)
@@ -89,13 +89,16 @@ def main():
     plans = json.load(open(sys.argv[1]))
     runs = int(sys.argv[2])
     times = {c["name"]: time_case(c, runs) for c in plans["cases"]}
-    rss_case = next(c for c in plans["cases"] if c["input"] == plans["rss_case"])
-    one = sys.argv[1] + ".rss.json"
-    json.dump(rss_case, open(one, "w"))
-    child = subprocess.run(
-        [sys.executable, __file__, "rss", one], capture_output=True, text=True, check=True
-    )
-    rss_kb = int(child.stdout.split()[1])
+    rss_kb = {}
+    for case in plans["cases"]:
+        if case["name"] not in plans["rss_cases"]:
+            continue
+        one = sys.argv[1] + ".rss.json"
+        json.dump(case, open(one, "w"))
+        child = subprocess.run(
+            [sys.executable, __file__, "rss", one], capture_output=True, text=True, check=True
+        )
+        rss_kb[case["name"]] = int(child.stdout.split()[1])
     version = "%d.%d.%d" % tuple(pyvips.version(i) for i in range(3))
     print(json.dumps({"times_ms": times, "rss_kb": rss_kb, "version": version}))
 

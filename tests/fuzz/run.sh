@@ -6,6 +6,8 @@
 # saved under tests/fuzz/artifacts/<target>/ and becomes a regression test.
 set -euo pipefail
 cd "$(dirname "$0")"
+. ../debian-tools.sh
+ensure_debian_tools "${build_tools[@]}"
 secs=${1:-60}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1

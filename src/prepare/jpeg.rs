@@ -1,0 +1,417 @@
+//! JPEG through libjpeg-turbo (the `turbojpeg` crate, built from its
+//! bundled source with SIMD and linked statically): decoding 8-bit
+//! YCbCr / greyscale sources, encoding every JPEG we send, and the lossless
+//! (DCT-domain) rotation that applies an EXIF orientation without
+//! decoding at all. Part of `prepare`.
+//!
+//! libjpeg-turbo is what libvips itself uses for JPEG; zune-jpeg and
+//! `jpeg-encoder` took 2-3x as long on a 12 MP frame (docs/benchmarks.md).
+//! CMYK and 12-bit JPEGs stay with `image` (libjpeg-turbo cannot turn CMYK
+//! into RGB). One handle of each kind lives per blocking-pool thread, so
+//! its internal buffers are reused by every job that thread runs.
+
+use std::cell::RefCell;
+
+use image::{GrayImage, RgbImage};
+use turbojpeg::{
+    Colorspace, Compressor, Decompressor, PixelFormat, Subsamp, Transform as Lossless, TransformOp,
+    Transformer, YuvPlanesImage,
+};
+
+use super::PrepareError;
+
+/// Progressive scans allowed before a decode is refused: a hostile
+/// progressive JPEG with thousands of tiny scans costs CPU quadratically.
+/// Encoders write about 10; libjpeg-turbo's own tools suggest 500.
+const MAX_SCANS: u32 = 500;
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
+    static COMPRESSOR: RefCell<Option<Compressor>> = const { RefCell::new(None) };
+    static TRANSFORMER: RefCell<Option<Transformer>> = const { RefCell::new(None) };
+}
+
+/// Run `f` with this thread's handle in `slot`, creating it on first use.
+fn with_handle<H, T>(
+    slot: &'static std::thread::LocalKey<RefCell<Option<H>>>,
+    new: fn() -> turbojpeg::Result<H>,
+    f: impl FnOnce(&mut H) -> turbojpeg::Result<T>,
+) -> turbojpeg::Result<T> {
+    slot.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let handle = match cell.as_mut() {
+            Some(h) => h,
+            None => cell.insert(new()?),
+        };
+        f(handle)
+    })
+}
+
+/// Decode an 8-bit YCbCr, RGB or greyscale JPEG to RGB. `dims` is what the
+/// header check saw; a stream that says otherwise is refused. Any
+/// libjpeg-turbo complaint, warnings included (it reports "premature end
+/// of data" or "extraneous bytes" that way), comes back as an error: the
+/// caller then tries the more forgiving `image` decoder.
+pub(super) fn decode_rgb(data: &[u8], dims: [u32; 2]) -> turbojpeg::Result<RgbImage> {
+    with_handle(&DECOMPRESSOR, Decompressor::new, |d| {
+        let header = d.read_header(data)?;
+        let [w, h] = dims.map(|v| v as usize);
+        if (header.width, header.height) != (w, h) {
+            return Err(turbojpeg::Error::TurboJpegError(format!(
+                "frame is {}x{}, the header check saw {w}x{h}",
+                header.width, header.height
+            )));
+        }
+        d.set_scan_limit(MAX_SCANS)?;
+        let mut pixels = vec![0u8; w * h * 3];
+        d.decompress(
+            data,
+            turbojpeg::Image {
+                pixels: pixels.as_mut_slice(),
+                width: w,
+                pitch: w * 3,
+                height: h,
+                format: PixelFormat::RGB,
+            },
+        )?;
+        Ok(RgbImage::from_raw(dims[0], dims[1], pixels)
+            .unwrap_or_else(|| unreachable!("buffer sized from the dimensions")))
+    })
+}
+
+/// A JPEG's own YCbCr planes at 4:2:0: luma at full size, each chroma
+/// plane at half the width and height (rounded up), as the encoder takes
+/// them. Working on these skips the colour conversion and chroma
+/// resampling on the way in and out, and holds half the bytes of RGB.
+pub(super) struct Planes {
+    pub y: GrayImage,
+    pub cb: GrayImage,
+    pub cr: GrayImage,
+}
+
+impl Planes {
+    pub fn map(self, f: impl Fn(GrayImage, Chan) -> GrayImage) -> Planes {
+        Planes {
+            y: f(self.y, Chan::Luma),
+            cb: f(self.cb, Chan::Chroma),
+            cr: f(self.cr, Chan::Chroma),
+        }
+    }
+}
+
+/// Which kind of plane a [`Planes::map`] step is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Chan {
+    Luma,
+    Chroma,
+}
+
+/// Decode a YCbCr JPEG to [`Planes`] without converting colour. `Ok(None)`
+/// when the stream is not YCbCr with 4:4:4, 4:2:2, 4:4:0 or 4:2:0 chroma
+/// (greyscale, RGB, 4:1:1): the caller decodes to RGB instead. Errors as
+/// [`decode_rgb`].
+pub(super) fn decode_planes(data: &[u8], dims: [u32; 2]) -> turbojpeg::Result<Option<Planes>> {
+    with_handle(&DECOMPRESSOR, Decompressor::new, |d| {
+        let header = d.read_header(data)?;
+        let [w, h] = dims.map(|v| v as usize);
+        if (header.width, header.height) != (w, h) {
+            return Err(turbojpeg::Error::TurboJpegError(format!(
+                "frame is {}x{}, the header check saw {w}x{h}",
+                header.width, header.height
+            )));
+        }
+        let sub = header.subsamp;
+        if header.colorspace != Colorspace::YCbCr
+            || !matches!(
+                sub,
+                Subsamp::None | Subsamp::Sub2x1 | Subsamp::Sub1x2 | Subsamp::Sub2x2
+            )
+        {
+            return Ok(None);
+        }
+        d.set_scan_limit(MAX_SCANS)?;
+        let (sx, sy) = (sub.width(), sub.height());
+        let (cw, ch) = (w.div_ceil(sx), h.div_ceil(sy));
+        let mut pixels = vec![0u8; w * h + 2 * cw * ch];
+        d.decompress_to_yuv(
+            data,
+            turbojpeg::YuvImage {
+                pixels: pixels.as_mut_slice(),
+                width: w,
+                align: 1,
+                height: h,
+                subsamp: sub,
+            },
+        )?;
+        let cr = pixels.split_off(w * h + cw * ch);
+        let cb = pixels.split_off(w * h);
+        let plane = |v: Vec<u8>, pw: usize, ph: usize| {
+            GrayImage::from_raw(pw as u32, ph as u32, v)
+                .unwrap_or_else(|| unreachable!("plane sized from its dimensions"))
+        };
+        let (hx, hy) = (2 / sx, 2 / sy);
+        Ok(Some(Planes {
+            y: plane(pixels, w, h),
+            cb: halve(&plane(cb, cw, ch), hx, hy),
+            cr: halve(&plane(cr, cw, ch), hx, hy),
+        }))
+    })
+}
+
+/// Average `fx` x `fy` blocks (each 1 or 2), rounding, repeating the last
+/// row and column at an odd edge: libjpeg's own 2:1 chroma downsampling.
+fn halve(plane: &GrayImage, fx: usize, fy: usize) -> GrayImage {
+    if fx == 1 && fy == 1 {
+        return plane.clone();
+    }
+    let (w, h) = (plane.width() as usize, plane.height() as usize);
+    let (ow, oh) = (w.div_ceil(fx), h.div_ceil(fy));
+    let src = plane.as_raw();
+    let mut out = vec![0u8; ow * oh];
+    for (oy, dst) in out.chunks_exact_mut(ow).enumerate() {
+        let r0 = &src[oy * fy * w..][..w];
+        let r1 = &src[(oy * fy + fy - 1).min(h - 1) * w..][..w];
+        for (ox, d) in dst.iter_mut().enumerate() {
+            let (x0, x1) = (ox * fx, (ox * fx + fx - 1).min(w - 1));
+            let sum = u16::from(r0[x0]) + u16::from(r0[x1]) + u16::from(r1[x0]) + u16::from(r1[x1]);
+            *d = ((sum + 2) >> 2) as u8;
+        }
+    }
+    GrayImage::from_raw(ow as u32, oh as u32, out)
+        .unwrap_or_else(|| unreachable!("sized from its dimensions"))
+}
+
+/// Encode 4:2:0 [`Planes`] of a `width` x `height` image at `quality`.
+pub(super) fn encode_planes(planes: &Planes, quality: u8) -> Result<Vec<u8>, PrepareError> {
+    let (w, h) = planes.y.dimensions();
+    with_handle(&COMPRESSOR, Compressor::new, |c| {
+        c.set_quality(i32::from(quality))?;
+        c.compress_yuv_planes_to_vec(&YuvPlanesImage {
+            y_plane: planes.y.as_raw().as_slice(),
+            u_plane: planes.cb.as_raw().as_slice(),
+            v_plane: planes.cr.as_raw().as_slice(),
+            width: w as usize,
+            height: h as usize,
+            y_stride: w as usize,
+            u_stride: planes.cb.width() as usize,
+            v_stride: planes.cr.width() as usize,
+            subsamp: Subsamp::Sub2x2,
+        })
+    })
+    .map_err(|e| PrepareError::Encode {
+        reason: format!("JPEG encoding failed: {e}"),
+    })
+}
+
+/// Encode packed RGB at `quality` with 4:2:0 chroma, as libvips and cjpeg
+/// do by default; baseline Huffman tables, no metadata.
+pub(super) fn encode_rgb(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    with_handle(&COMPRESSOR, Compressor::new, |c| {
+        c.set_quality(i32::from(quality))?;
+        c.set_subsamp(Subsamp::Sub2x2)?;
+        c.compress_to_vec(turbojpeg::Image {
+            pixels: img.as_raw().as_slice(),
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: PixelFormat::RGB,
+        })
+    })
+    .map_err(|e| PrepareError::Encode {
+        reason: format!("JPEG encoding failed: {e}"),
+    })
+}
+
+/// Apply EXIF orientation `exif` (2..=8) by moving DCT blocks: no decode,
+/// no re-quantisation, so no quality is lost and a 12 MP photo turns in a
+/// fraction of a decode. Every marker (EXIF, ICC, comments) is dropped, as
+/// on the decoding path, so nothing downstream rotates the result again.
+///
+/// `None`, and the caller decodes instead, when:
+/// - the chroma is not 4:2:0. A 4:4:4 frame holds twice the coefficients,
+///   and a quarter turn keeps two copies of them: 140 MB for 12 MP, where
+///   decoding to planes and re-encoding at 4:2:0 (what we send anyway)
+///   takes a third of that and less time (docs/benchmarks.md);
+/// - the turn is not *perfect*: a frame whose size is not a whole number
+///   of MCUs (16 px at 4:2:0) along the edge that moves would need its
+///   partial edge blocks trimmed (cropping, which we never do) or left in
+///   place.
+pub(super) fn orient_lossless(data: &[u8], exif: u8) -> Option<Vec<u8>> {
+    let header = with_handle(&DECOMPRESSOR, Decompressor::new, |d| d.read_header(data)).ok()?;
+    if header.subsamp != Subsamp::Sub2x2 || header.colorspace != Colorspace::YCbCr {
+        return None;
+    }
+    let op = match exif {
+        2 => TransformOp::Hflip,
+        3 => TransformOp::Rot180,
+        4 => TransformOp::Vflip,
+        5 => TransformOp::Transpose,
+        6 => TransformOp::Rot90,
+        7 => TransformOp::Transverse,
+        8 => TransformOp::Rot270,
+        _ => return None,
+    };
+    let mut transform = Lossless::op(op);
+    transform.perfect = true;
+    transform.copy_none = true;
+    match with_handle(&TRANSFORMER, Transformer::new, |t| {
+        t.transform_to_vec(&transform, data)
+    }) {
+        Ok(out) => Some(out),
+        Err(e) => {
+            tracing::debug!(error = %e, exif, "no lossless turn; decoding instead");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 128])
+        })
+    }
+
+    #[test]
+    fn round_trip_keeps_size_and_colour() {
+        let img = gradient(640, 480);
+        let jpeg = encode_rgb(&img, 90).unwrap();
+        assert_eq!(&jpeg[..2], &[0xFF, 0xD8]);
+        let back = decode_rgb(&jpeg, [640, 480]).unwrap();
+        assert_eq!(back.dimensions(), (640, 480));
+        let err: u64 = img
+            .as_raw()
+            .iter()
+            .zip(back.as_raw())
+            .map(|(a, b)| u64::from(a.abs_diff(*b)))
+            .sum();
+        let mean = err as f64 / img.as_raw().len() as f64;
+        assert!(mean < 2.0, "mean abs error {mean}");
+    }
+
+    #[test]
+    fn a_lying_size_is_refused() {
+        let jpeg = encode_rgb(&gradient(64, 48), 90).unwrap();
+        assert!(decode_rgb(&jpeg, [48, 64]).is_err());
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_errors_not_panics() {
+        let jpeg = encode_rgb(&gradient(320, 320), 90).unwrap();
+        assert!(decode_rgb(&jpeg[..jpeg.len() / 2], [320, 320]).is_err());
+        assert!(decode_rgb(b"\xFF\xD8\xFF\xE0 not a jpeg", [320, 320]).is_err());
+    }
+
+    #[test]
+    fn lossless_turn_is_exact_when_blocks_align() {
+        // 32x16: whole 16x16 MCUs at 4:2:0, so every turn is perfect.
+        let img = gradient(32, 16);
+        let jpeg = encode_rgb(&img, 95).unwrap();
+        let decoded = decode_rgb(&jpeg, [32, 16]).unwrap();
+        for exif in 2..=8u8 {
+            let turned = orient_lossless(&jpeg, exif).expect("perfect");
+            let swap = exif >= 5;
+            let dims = if swap { [16, 32] } else { [32, 16] };
+            let got = decode_rgb(&turned, dims).unwrap();
+            // Same coefficients, moved: matches turning the decoded pixels
+            // up to the IDCT's rounding.
+            let want = super::super::fix::orient(decoded.clone(), exif);
+            let worst = got
+                .as_raw()
+                .iter()
+                .zip(want.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(worst <= 6, "exif {exif}: worst channel difference {worst}");
+        }
+    }
+
+    #[test]
+    fn planes_round_trip_from_every_chroma_layout() {
+        let img = gradient(64, 48);
+        for sub in [
+            Subsamp::None,
+            Subsamp::Sub2x1,
+            Subsamp::Sub1x2,
+            Subsamp::Sub2x2,
+        ] {
+            let jpeg = turbojpeg::compress(
+                turbojpeg::Image {
+                    pixels: img.as_raw().as_slice(),
+                    width: 64,
+                    pitch: 64 * 3,
+                    height: 48,
+                    format: PixelFormat::RGB,
+                },
+                95,
+                sub,
+            )
+            .unwrap();
+            let planes = decode_planes(&jpeg, [64, 48]).unwrap().expect("YCbCr");
+            assert_eq!(planes.y.dimensions(), (64, 48), "{sub:?}");
+            assert_eq!(planes.cb.dimensions(), (32, 24), "{sub:?}");
+            assert_eq!(planes.cr.dimensions(), (32, 24), "{sub:?}");
+            let back = decode_rgb(&encode_planes(&planes, 95).unwrap(), [64, 48]).unwrap();
+            let worst = img
+                .as_raw()
+                .iter()
+                .zip(back.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(worst <= 12, "{sub:?}: worst channel difference {worst}");
+        }
+    }
+
+    #[test]
+    fn greyscale_is_left_to_the_rgb_path() {
+        let grey = image::GrayImage::from_fn(32, 32, |x, _| image::Luma([x as u8 * 8]));
+        let mut jpeg = Vec::new();
+        image::DynamicImage::ImageLuma8(grey)
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpeg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        assert!(decode_planes(&jpeg, [32, 32]).unwrap().is_none());
+        assert_eq!(decode_rgb(&jpeg, [32, 32]).unwrap().dimensions(), (32, 32));
+    }
+
+    #[test]
+    fn halving_averages_and_repeats_the_odd_edge() {
+        let p = GrayImage::from_raw(3, 2, vec![0, 4, 100, 8, 12, 200]).unwrap();
+        let h = halve(&p, 2, 2);
+        assert_eq!(h.dimensions(), (2, 1));
+        assert_eq!(h.as_raw(), &vec![6, 150]);
+        assert_eq!(halve(&p, 1, 2).as_raw(), &vec![4, 8, 150]);
+    }
+
+    #[test]
+    fn an_imperfect_turn_is_declined() {
+        // 40 px wide at 4:2:0: the right edge holds a partial MCU, which a
+        // quarter turn (EXIF 8) would have to move to the top.
+        let jpeg = encode_rgb(&gradient(40, 32), 90).unwrap();
+        assert!(orient_lossless(&jpeg, 8).is_none());
+        assert!(orient_lossless(&jpeg, 1).is_none());
+        // Whole blocks, but 4:4:4: decoding is lighter than a turn.
+        let img = gradient(32, 16);
+        let full = turbojpeg::compress(
+            turbojpeg::Image {
+                pixels: img.as_raw().as_slice(),
+                width: 32,
+                pitch: 32 * 3,
+                height: 16,
+                format: PixelFormat::RGB,
+            },
+            90,
+            Subsamp::None,
+        )
+        .unwrap();
+        assert!(orient_lossless(&full, 6).is_none());
+    }
+}
