@@ -5,8 +5,9 @@
 //!
 //! Speed: `image` decodes every format, but its resampler and JPEG codec
 //! are slow next to libvips. 8-bit JPEGs are decoded, and every JPEG is
-//! encoded, by libjpeg-turbo (`jpeg.rs`); a JPEG whose only fault is its
-//! EXIF orientation is turned losslessly without decoding at all.
+//! encoded, by libjpeg-turbo (`jpeg.rs`); when nothing is resized, a JPEG
+//! is worked on as its own YCbCr planes (no colour conversion, half the
+//! memory of RGB).
 //! Resizing uses `fast_image_resize` (SIMD convolution, alpha premultiplied
 //! on the fly) with one `Resizer` per thread, so its scratch buffers live
 //! across jobs. `tests/bench/prepare.sh` measures the result against
@@ -75,9 +76,6 @@ pub(super) fn fix(
 ) -> Result<Prepared, PrepareError> {
     let planned = plan(source.width, source.height, source.orientation, spec);
     let mut plan = fit_pixel_budget(planned, spec, output_pixel_budget(&source, spec, limits))?;
-    if let Some(turned) = turn_losslessly(data, &source, &violations, &plan, spec) {
-        return Ok(turned);
-    }
     if let Some(prepared) = fix_in_planes(data, &source, &violations, &plan, spec)? {
         return Ok(prepared);
     }
@@ -124,46 +122,6 @@ fn finish(
         violations,
         transforms,
     })
-}
-
-/// The fast path for the commonest fix of all, a phone photo stored
-/// sideways: a JPEG whose only fault is its EXIF orientation is turned in
-/// the DCT domain (no decode, no quality loss). `None` sends the caller
-/// down the decoding path: another fault too, a colour model libjpeg-turbo
-/// does not handle, edges that are not whole MCUs, or a result that does
-/// not check out.
-fn turn_losslessly(
-    data: &[u8],
-    source: &Probe,
-    violations: &[Violation],
-    plan: &Plan,
-    spec: &Spec,
-) -> Option<Prepared> {
-    let only_orientation = matches!(violations, [Violation::Orientation { .. }]);
-    if !only_orientation
-        || source.format != SourceFormat::Jpeg
-        || source.colour != ColourModel::Standard
-        || plan.resizes()
-        || plan.canvas != plan.oriented
-    {
-        return None;
-    }
-    let bytes = jpeg::orient_lossless(data, source.orientation)?;
-    let lossless = Transform::Encode {
-        format: OutputFormat::Jpeg,
-        quality: None,
-    };
-    let record = plan.record(WHITE, lossless);
-    finish(
-        bytes,
-        OutputFormat::Jpeg,
-        *source,
-        violations.to_vec(),
-        record,
-        spec,
-    )
-    .inspect_err(|e| tracing::debug!(error = %e, "the lossless turn did not check out"))
-    .ok()
 }
 
 /// JPEG in, JPEG out, nothing resized (a turn that is not lossless, a
@@ -369,18 +327,21 @@ const TURN_TILE: u32 = 64;
 /// Apply an EXIF orientation. Flips and the half turn are row-friendly and
 /// left to `image`; the quarter turns (5-8, every portrait phone photo)
 /// are done tile by tile, several times faster than pixel by pixel over
-/// the whole frame.
+/// the whole frame. Works on RGB(A) pixels and on single YCbCr planes.
 pub(super) fn orient<P: image::Pixel<Subpixel = u8>>(
     img: ImageBuffer<P, Vec<u8>>,
     exif: u8,
 ) -> ImageBuffer<P, Vec<u8>> {
     let (w, h) = img.dimensions();
-    // Stored (x, y) of displayed pixel (u, v); the displayed image is h x w.
-    let source: fn(u32, u32, u32, u32) -> (u32, u32) = match exif {
-        5 => |u, v, _, _| (v, u),
-        6 => |u, v, _, h| (v, h - 1 - u),
-        7 => |u, v, w, h| (w - 1 - v, h - 1 - u),
-        8 => |u, v, w, _| (w - 1 - v, u),
+    // Each arm hands `turn` its own closure (a type of its own), so the
+    // coordinate mapping is inlined into the copy loop rather than called
+    // per pixel; likewise the pixel size is a constant.
+    let out = match (exif, P::CHANNEL_COUNT) {
+        // Stored (x, y) of displayed pixel (u, v); the displayed image is h x w.
+        (5, c) => turn_with(&img, c, |u, v| (v, u)),
+        (6, c) => turn_with(&img, c, |u, v| (v, h - 1 - u)),
+        (7, c) => turn_with(&img, c, |u, v| (w - 1 - v, h - 1 - u)),
+        (8, c) => turn_with(&img, c, |u, v| (w - 1 - v, u)),
         _ => {
             let mut img = img;
             match exif {
@@ -392,8 +353,32 @@ pub(super) fn orient<P: image::Pixel<Subpixel = u8>>(
             return img;
         }
     };
-    let c = usize::from(P::CHANNEL_COUNT);
-    let src = img.as_raw();
+    ImageBuffer::from_raw(h, w, out).unwrap_or_else(|| unreachable!("same pixel count"))
+}
+
+/// [`turn`] with the pixel size as a constant.
+fn turn_with<P: image::Pixel<Subpixel = u8>>(
+    img: &ImageBuffer<P, Vec<u8>>,
+    channels: u8,
+    source: impl Fn(u32, u32) -> (u32, u32),
+) -> Vec<u8> {
+    let (w, h) = img.dimensions();
+    match channels {
+        1 => turn::<1>(img.as_raw(), w, h, source),
+        3 => turn::<3>(img.as_raw(), w, h, source),
+        4 => turn::<4>(img.as_raw(), w, h, source),
+        c => unreachable!("{c}-channel pixels are normalised before orienting"),
+    }
+}
+
+/// Quarter turn of a `w` x `h` buffer of `C`-byte pixels into an `h` x `w`
+/// one; `source` gives the stored (x, y) of displayed pixel (u, v).
+fn turn<const C: usize>(
+    src: &[u8],
+    w: u32,
+    h: u32,
+    source: impl Fn(u32, u32) -> (u32, u32),
+) -> Vec<u8> {
     let mut out = vec![0u8; src.len()];
     let (dw, dh) = (h, w);
     for tv in (0..dh).step_by(TURN_TILE as usize) {
@@ -401,15 +386,16 @@ pub(super) fn orient<P: image::Pixel<Subpixel = u8>>(
             for v in tv..(tv + TURN_TILE).min(dh) {
                 let row = v as usize * dw as usize;
                 for u in tu..(tu + TURN_TILE).min(dw) {
-                    let (x, y) = source(u, v, w, h);
-                    let from = (y as usize * w as usize + x as usize) * c;
-                    let to = (row + u as usize) * c;
-                    out[to..to + c].copy_from_slice(&src[from..from + c]);
+                    let (x, y) = source(u, v);
+                    let from = (y as usize * w as usize + x as usize) * C;
+                    let to = (row + u as usize) * C;
+                    let px: [u8; C] = src[from..from + C].try_into().unwrap_or([0; C]);
+                    out[to..to + C].copy_from_slice(&px);
                 }
             }
         }
     }
-    ImageBuffer::from_raw(dw, dh, out).unwrap_or_else(|| unreachable!("same pixel count"))
+    out
 }
 
 impl Pixels {

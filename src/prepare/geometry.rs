@@ -58,10 +58,8 @@ pub enum Transform {
         bottom: u32,
         color: [u8; 4],
     },
-    /// Written out; always the last step when anything changed. `quality`
-    /// is the JPEG quality of a re-encode; `None` for PNG, and for a JPEG
-    /// rewritten losslessly (its DCT coefficients moved by an orientation
-    /// turn, not re-quantised).
+    /// Re-encoded; always the last step when anything changed. `quality`
+    /// is the JPEG quality, `None` for PNG.
     Encode {
         format: OutputFormat,
         quality: Option<u8>,

@@ -1,8 +1,13 @@
 //! JPEG through libjpeg-turbo (the `turbojpeg` crate, built from its
 //! bundled source with SIMD and linked statically): decoding 8-bit
-//! YCbCr / greyscale sources, encoding every JPEG we send, and the lossless
-//! (DCT-domain) rotation that applies an EXIF orientation without
-//! decoding at all. Part of `prepare`.
+//! YCbCr / greyscale sources, to RGB or to their own YCbCr planes, and
+//! encoding every JPEG we send. Part of `prepare`.
+//!
+//! Not used: libjpeg-turbo's lossless (DCT-domain) turn for EXIF
+//! orientation. Measured on a 12 MP 4:2:0 phone photo it took 102 ms and
+//! 75 MB (it holds the coefficients twice), where decoding to planes,
+//! turning them and re-encoding at q90 took 91 ms and about half the
+//! memory; at 4:4:4 the turn needs 140 MB.
 //!
 //! libjpeg-turbo is what libvips itself uses for JPEG; zune-jpeg and
 //! `jpeg-encoder` took 2-3x as long on a 12 MP frame (docs/benchmarks.md).
@@ -13,10 +18,7 @@
 use std::cell::RefCell;
 
 use image::{GrayImage, RgbImage};
-use turbojpeg::{
-    Colorspace, Compressor, Decompressor, PixelFormat, Subsamp, Transform as Lossless, TransformOp,
-    Transformer, YuvPlanesImage,
-};
+use turbojpeg::{Colorspace, Compressor, Decompressor, PixelFormat, Subsamp, YuvPlanesImage};
 
 use super::PrepareError;
 
@@ -28,7 +30,6 @@ const MAX_SCANS: u32 = 500;
 thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
     static COMPRESSOR: RefCell<Option<Compressor>> = const { RefCell::new(None) };
-    static TRANSFORMER: RefCell<Option<Transformer>> = const { RefCell::new(None) };
 }
 
 /// Run `f` with this thread's handle in `slot`, creating it on first use.
@@ -143,40 +144,45 @@ pub(super) fn decode_planes(data: &[u8], dims: [u32; 2]) -> turbojpeg::Result<Op
                 subsamp: sub,
             },
         )?;
-        let cr = pixels.split_off(w * h + cw * ch);
-        let cb = pixels.split_off(w * h);
-        let plane = |v: Vec<u8>, pw: usize, ph: usize| {
-            GrayImage::from_raw(pw as u32, ph as u32, v)
-                .unwrap_or_else(|| unreachable!("plane sized from its dimensions"))
-        };
+        // Halve the chroma out of the decode buffer, then give back its
+        // tail (a shrinking realloc of a block this size is an mremap, no
+        // copy): splitting the buffer first would copy both chroma planes
+        // while it is still whole, a third more peak memory.
         let (hx, hy) = (2 / sx, 2 / sy);
-        Ok(Some(Planes {
-            y: plane(pixels, w, h),
-            cb: halve(&plane(cb, cw, ch), hx, hy),
-            cr: halve(&plane(cr, cw, ch), hx, hy),
-        }))
+        let (luma, chroma) = pixels.split_at(w * h);
+        let (cb, cr) = chroma.split_at(cw * ch);
+        let cb = halve(cb, cw, ch, hx, hy);
+        let cr = halve(cr, cw, ch, hx, hy);
+        debug_assert_eq!(luma.len(), w * h);
+        pixels.truncate(w * h);
+        pixels.shrink_to_fit();
+        let y = GrayImage::from_raw(dims[0], dims[1], pixels)
+            .unwrap_or_else(|| unreachable!("plane sized from its dimensions"));
+        Ok(Some(Planes { y, cb, cr }))
     })
 }
 
-/// Average `fx` x `fy` blocks (each 1 or 2), rounding, repeating the last
-/// row and column at an odd edge: libjpeg's own 2:1 chroma downsampling.
-fn halve(plane: &GrayImage, fx: usize, fy: usize) -> GrayImage {
-    if fx == 1 && fy == 1 {
-        return plane.clone();
-    }
-    let (w, h) = (plane.width() as usize, plane.height() as usize);
+/// Average `fx` x `fy` blocks (each 1 or 2) of a `w` x `h` plane,
+/// rounding, repeating the last row and column at an odd edge: libjpeg's
+/// own 2:1 chroma downsampling.
+fn halve(src: &[u8], w: usize, h: usize, fx: usize, fy: usize) -> GrayImage {
     let (ow, oh) = (w.div_ceil(fx), h.div_ceil(fy));
-    let src = plane.as_raw();
-    let mut out = vec![0u8; ow * oh];
-    for (oy, dst) in out.chunks_exact_mut(ow).enumerate() {
-        let r0 = &src[oy * fy * w..][..w];
-        let r1 = &src[(oy * fy + fy - 1).min(h - 1) * w..][..w];
-        for (ox, d) in dst.iter_mut().enumerate() {
-            let (x0, x1) = (ox * fx, (ox * fx + fx - 1).min(w - 1));
-            let sum = u16::from(r0[x0]) + u16::from(r0[x1]) + u16::from(r1[x0]) + u16::from(r1[x1]);
-            *d = ((sum + 2) >> 2) as u8;
+    let out = if fx == 1 && fy == 1 {
+        src.to_vec()
+    } else {
+        let mut out = vec![0u8; ow * oh];
+        for (oy, dst) in out.chunks_exact_mut(ow).enumerate() {
+            let r0 = &src[oy * fy * w..][..w];
+            let r1 = &src[(oy * fy + fy - 1).min(h - 1) * w..][..w];
+            for (ox, d) in dst.iter_mut().enumerate() {
+                let (x0, x1) = (ox * fx, (ox * fx + fx - 1).min(w - 1));
+                let sum =
+                    u16::from(r0[x0]) + u16::from(r0[x1]) + u16::from(r1[x0]) + u16::from(r1[x1]);
+                *d = ((sum + 2) >> 2) as u8;
+            }
         }
-    }
+        out
+    };
     GrayImage::from_raw(ow as u32, oh as u32, out)
         .unwrap_or_else(|| unreachable!("sized from its dimensions"))
 }
@@ -223,49 +229,6 @@ pub(super) fn encode_rgb(img: &RgbImage, quality: u8) -> Result<Vec<u8>, Prepare
     })
 }
 
-/// Apply EXIF orientation `exif` (2..=8) by moving DCT blocks: no decode,
-/// no re-quantisation, so no quality is lost and a 12 MP photo turns in a
-/// fraction of a decode. Every marker (EXIF, ICC, comments) is dropped, as
-/// on the decoding path, so nothing downstream rotates the result again.
-///
-/// `None`, and the caller decodes instead, when:
-/// - the chroma is not 4:2:0. A 4:4:4 frame holds twice the coefficients,
-///   and a quarter turn keeps two copies of them: 140 MB for 12 MP, where
-///   decoding to planes and re-encoding at 4:2:0 (what we send anyway)
-///   takes a third of that and less time (docs/benchmarks.md);
-/// - the turn is not *perfect*: a frame whose size is not a whole number
-///   of MCUs (16 px at 4:2:0) along the edge that moves would need its
-///   partial edge blocks trimmed (cropping, which we never do) or left in
-///   place.
-pub(super) fn orient_lossless(data: &[u8], exif: u8) -> Option<Vec<u8>> {
-    let header = with_handle(&DECOMPRESSOR, Decompressor::new, |d| d.read_header(data)).ok()?;
-    if header.subsamp != Subsamp::Sub2x2 || header.colorspace != Colorspace::YCbCr {
-        return None;
-    }
-    let op = match exif {
-        2 => TransformOp::Hflip,
-        3 => TransformOp::Rot180,
-        4 => TransformOp::Vflip,
-        5 => TransformOp::Transpose,
-        6 => TransformOp::Rot90,
-        7 => TransformOp::Transverse,
-        8 => TransformOp::Rot270,
-        _ => return None,
-    };
-    let mut transform = Lossless::op(op);
-    transform.perfect = true;
-    transform.copy_none = true;
-    match with_handle(&TRANSFORMER, Transformer::new, |t| {
-        t.transform_to_vec(&transform, data)
-    }) {
-        Ok(out) => Some(out),
-        Err(e) => {
-            tracing::debug!(error = %e, exif, "no lossless turn; decoding instead");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,31 +267,6 @@ mod tests {
         let jpeg = encode_rgb(&gradient(320, 320), 90).unwrap();
         assert!(decode_rgb(&jpeg[..jpeg.len() / 2], [320, 320]).is_err());
         assert!(decode_rgb(b"\xFF\xD8\xFF\xE0 not a jpeg", [320, 320]).is_err());
-    }
-
-    #[test]
-    fn lossless_turn_is_exact_when_blocks_align() {
-        // 32x16: whole 16x16 MCUs at 4:2:0, so every turn is perfect.
-        let img = gradient(32, 16);
-        let jpeg = encode_rgb(&img, 95).unwrap();
-        let decoded = decode_rgb(&jpeg, [32, 16]).unwrap();
-        for exif in 2..=8u8 {
-            let turned = orient_lossless(&jpeg, exif).expect("perfect");
-            let swap = exif >= 5;
-            let dims = if swap { [16, 32] } else { [32, 16] };
-            let got = decode_rgb(&turned, dims).unwrap();
-            // Same coefficients, moved: matches turning the decoded pixels
-            // up to the IDCT's rounding.
-            let want = super::super::fix::orient(decoded.clone(), exif);
-            let worst = got
-                .as_raw()
-                .iter()
-                .zip(want.as_raw())
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
-            assert!(worst <= 6, "exif {exif}: worst channel difference {worst}");
-        }
     }
 
     #[test]
@@ -384,34 +322,12 @@ mod tests {
 
     #[test]
     fn halving_averages_and_repeats_the_odd_edge() {
-        let p = GrayImage::from_raw(3, 2, vec![0, 4, 100, 8, 12, 200]).unwrap();
-        let h = halve(&p, 2, 2);
+        let p = [0, 4, 100, 8, 12, 200];
+        let h = halve(&p, 3, 2, 2, 2);
         assert_eq!(h.dimensions(), (2, 1));
         assert_eq!(h.as_raw(), &vec![6, 150]);
-        assert_eq!(halve(&p, 1, 2).as_raw(), &vec![4, 8, 150]);
-    }
-
-    #[test]
-    fn an_imperfect_turn_is_declined() {
-        // 40 px wide at 4:2:0: the right edge holds a partial MCU, which a
-        // quarter turn (EXIF 8) would have to move to the top.
-        let jpeg = encode_rgb(&gradient(40, 32), 90).unwrap();
-        assert!(orient_lossless(&jpeg, 8).is_none());
-        assert!(orient_lossless(&jpeg, 1).is_none());
-        // Whole blocks, but 4:4:4: decoding is lighter than a turn.
-        let img = gradient(32, 16);
-        let full = turbojpeg::compress(
-            turbojpeg::Image {
-                pixels: img.as_raw().as_slice(),
-                width: 32,
-                pitch: 32 * 3,
-                height: 16,
-                format: PixelFormat::RGB,
-            },
-            90,
-            Subsamp::None,
-        )
-        .unwrap();
-        assert!(orient_lossless(&full, 6).is_none());
+        assert_eq!(halve(&p, 3, 2, 1, 2).as_raw(), &vec![4, 8, 150]);
+        assert_eq!(halve(&p, 3, 2, 2, 1).as_raw(), &vec![2, 100, 10, 200]);
+        assert_eq!(halve(&p, 3, 2, 1, 1).as_raw(), &p.to_vec());
     }
 }

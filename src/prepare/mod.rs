@@ -10,9 +10,8 @@
 //!
 //! The flow is [`probe()`] (header only) -> limits -> [`check()`] -> either
 //! passthrough (the caller's `Bytes`, untouched) or the fix pipeline:
-//! decode -> 8-bit RGB(A) -> EXIF orientation -> resize -> pad -> encode,
-//! short-cut by a lossless DCT-domain turn for a JPEG whose only fault is
-//! its EXIF orientation.
+//! decode -> 8-bit RGB(A) -> EXIF orientation -> resize -> pad -> encode
+//! (a JPEG that is not resized goes through the same steps as YCbCr planes).
 //! The geometry is planned by the pure [`plan()`] function and recorded in a
 //! [`TransformRecord`]; see `geometry.rs` for the coordinate conventions.
 

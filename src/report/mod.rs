@@ -21,7 +21,7 @@ use futures::StreamExt as _;
 
 use crate::archive::manifest::Manifest;
 use crate::archive::{ObjectKey, Store, StoreError};
-use crate::prepare::{OutputFormat, Transform};
+use crate::prepare::Transform;
 
 pub use html::esc;
 
@@ -463,7 +463,6 @@ pub fn describe_transforms(steps: &[Transform]) -> String {
             } => format!("pad l{left} t{top} r{right} b{bottom}"),
             Transform::Encode { format, quality } => match quality {
                 Some(q) => format!("encode {} q{q}", format.extension()),
-                None if format == OutputFormat::Jpeg => "encode jpg (lossless)".to_owned(),
                 None => format!("encode {}", format.extension()),
             },
         })

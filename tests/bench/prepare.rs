@@ -126,9 +126,7 @@ struct Case {
 fn cases() -> Vec<Case> {
     let twelve = photo(4000, 3000, 1);
     let rotated = kling_archiver::demo::with_exif_orientation(&jpeg_q(&twelve, 92), 6);
-    // The 12 MP frame of most phones, 4032x3024: whole 16 px blocks, so
-    // the EXIF turn is lossless (DCT domain, no decode). 4000x3000 is not:
-    // 3000 rows end in a partial block, so that one is decoded.
+    // The 12 MP frame of most phones: 4032x3024, 4:2:0 chroma.
     let phone =
         kling_archiver::demo::with_exif_orientation(&jpeg_420(&photo(4032, 3024, 2), 92), 6);
     // A 12 MP PNG over 20 MB: photo-like content with more grain.
@@ -145,7 +143,7 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "jpeg_12mp_phone",
-            what: "4032x3024 JPEG 4:2:0, EXIF 6 (phone photo): lossless turn (libvips: decode, rotate, encode)",
+            what: "4032x3024 JPEG 4:2:0, EXIF 6 (phone photo): decode, rotate, encode",
             bytes: phone,
         },
         Case {
@@ -215,9 +213,6 @@ fn vips_plan(p: &prepare::Prepared) -> serde_json::Value {
             } => serde_json::json!({"op": "pad", "left": left, "top": top,
                 "width": p.width, "height": p.height, "right": right, "bottom": bottom, "color": color}),
             Transform::Encode { format, quality } => {
-                // A lossless turn has no quality; libvips has no lossless
-                // turn, so its side re-encodes at our usual quality.
-                let quality = quality.or((format == prepare::OutputFormat::Jpeg).then_some(90));
                 serde_json::json!({"op": "encode", "format": format.extension(), "quality": quality})
             }
         })
