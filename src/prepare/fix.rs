@@ -328,7 +328,7 @@ const TURN_TILE: u32 = 64;
 /// left to `image`; the quarter turns (5-8, every portrait phone photo)
 /// are done tile by tile, several times faster than pixel by pixel over
 /// the whole frame. Works on RGB(A) pixels and on single YCbCr planes.
-pub(super) fn orient<P: image::Pixel<Subpixel = u8>>(
+fn orient<P: image::Pixel<Subpixel = u8>>(
     img: ImageBuffer<P, Vec<u8>>,
     exif: u8,
 ) -> ImageBuffer<P, Vec<u8>> {

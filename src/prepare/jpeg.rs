@@ -48,6 +48,24 @@ fn with_handle<H, T>(
     })
 }
 
+/// The stream's header, refused when its size differs from `dims`, what
+/// the header check saw (and the pixel budget reserved).
+fn read_header(
+    d: &mut Decompressor,
+    data: &[u8],
+    dims: [u32; 2],
+) -> turbojpeg::Result<turbojpeg::DecompressHeader> {
+    let header = d.read_header(data)?;
+    let [w, h] = dims.map(|v| v as usize);
+    if (header.width, header.height) != (w, h) {
+        return Err(turbojpeg::Error::TurboJpegError(format!(
+            "frame is {}x{}, the header check saw {w}x{h}",
+            header.width, header.height
+        )));
+    }
+    Ok(header)
+}
+
 /// Decode an 8-bit YCbCr, RGB or greyscale JPEG to RGB. `dims` is what the
 /// header check saw; a stream that says otherwise is refused. Any
 /// libjpeg-turbo complaint, warnings included (it reports "premature end
@@ -55,14 +73,8 @@ fn with_handle<H, T>(
 /// caller then tries the more forgiving `image` decoder.
 pub(super) fn decode_rgb(data: &[u8], dims: [u32; 2]) -> turbojpeg::Result<RgbImage> {
     with_handle(&DECOMPRESSOR, Decompressor::new, |d| {
-        let header = d.read_header(data)?;
+        read_header(d, data, dims)?;
         let [w, h] = dims.map(|v| v as usize);
-        if (header.width, header.height) != (w, h) {
-            return Err(turbojpeg::Error::TurboJpegError(format!(
-                "frame is {}x{}, the header check saw {w}x{h}",
-                header.width, header.height
-            )));
-        }
         d.set_scan_limit(MAX_SCANS)?;
         let mut pixels = vec![0u8; w * h * 3];
         d.decompress(
@@ -113,14 +125,8 @@ pub(super) enum Chan {
 /// [`decode_rgb`].
 pub(super) fn decode_planes(data: &[u8], dims: [u32; 2]) -> turbojpeg::Result<Option<Planes>> {
     with_handle(&DECOMPRESSOR, Decompressor::new, |d| {
-        let header = d.read_header(data)?;
+        let header = read_header(d, data, dims)?;
         let [w, h] = dims.map(|v| v as usize);
-        if (header.width, header.height) != (w, h) {
-            return Err(turbojpeg::Error::TurboJpegError(format!(
-                "frame is {}x{}, the header check saw {w}x{h}",
-                header.width, header.height
-            )));
-        }
         let sub = header.subsamp;
         if header.colorspace != Colorspace::YCbCr
             || !matches!(
@@ -179,7 +185,9 @@ fn halve(src: &[u8], w: usize, h: usize, fx: usize, fy: usize) -> GrayImage {
             let r1 = &src[(oy * fy + fy - 1).min(h - 1) * w..][..w];
             // Straight zips over pairs, so the compiler vectorises them.
             if fx == 2 {
-                let pairs = dst.iter_mut().zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)));
+                let pairs = dst
+                    .iter_mut()
+                    .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)));
                 for (d, (a, b)) in pairs {
                     *d = avg4(a[0], a[1], b[0], b[1]);
                 }
@@ -220,20 +228,25 @@ pub(super) fn encode_planes(planes: &Planes, quality: u8) -> Result<Vec<u8>, Pre
     })
 }
 
+/// `img` as libjpeg-turbo reads packed RGB.
+pub(super) fn rgb_view(img: &RgbImage) -> turbojpeg::Image<&[u8]> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    turbojpeg::Image {
+        pixels: img.as_raw().as_slice(),
+        width: w,
+        pitch: w * 3,
+        height: h,
+        format: PixelFormat::RGB,
+    }
+}
+
 /// Encode packed RGB at `quality` with 4:2:0 chroma, as libvips and cjpeg
 /// do by default; baseline Huffman tables, no metadata.
 pub(super) fn encode_rgb(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
-    let (w, h) = (img.width() as usize, img.height() as usize);
     with_handle(&COMPRESSOR, Compressor::new, |c| {
         c.set_quality(i32::from(quality))?;
         c.set_subsamp(Subsamp::Sub2x2)?;
-        c.compress_to_vec(turbojpeg::Image {
-            pixels: img.as_raw().as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: PixelFormat::RGB,
-        })
+        c.compress_to_vec(rgb_view(img))
     })
     .map_err(|e| PrepareError::Encode {
         reason: format!("JPEG encoding failed: {e}"),
@@ -289,18 +302,7 @@ mod tests {
             Subsamp::Sub1x2,
             Subsamp::Sub2x2,
         ] {
-            let jpeg = turbojpeg::compress(
-                turbojpeg::Image {
-                    pixels: img.as_raw().as_slice(),
-                    width: 64,
-                    pitch: 64 * 3,
-                    height: 48,
-                    format: PixelFormat::RGB,
-                },
-                95,
-                sub,
-            )
-            .unwrap();
+            let jpeg = turbojpeg::compress(rgb_view(&img), 95, sub).unwrap();
             let planes = decode_planes(&jpeg, [64, 48]).unwrap().expect("YCbCr");
             assert_eq!(planes.y.dimensions(), (64, 48), "{sub:?}");
             assert_eq!(planes.cb.dimensions(), (32, 24), "{sub:?}");

@@ -40,20 +40,10 @@ pub fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
 /// A JPEG with 4:2:0 chroma, as phones and most cameras write
 /// (`image`'s encoder writes 4:4:4).
 pub fn jpeg_420(image: &image::RgbImage, quality: u8) -> Vec<u8> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    turbojpeg::compress(
-        turbojpeg::Image {
-            pixels: image.as_raw().as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        },
-        i32::from(quality),
-        turbojpeg::Subsamp::Sub2x2,
-    )
-    .unwrap()
-    .to_vec()
+    let view = super::jpeg::rgb_view(image);
+    turbojpeg::compress(view, i32::from(quality), turbojpeg::Subsamp::Sub2x2)
+        .unwrap()
+        .to_vec()
 }
 
 pub use crate::demo::with_exif_orientation;

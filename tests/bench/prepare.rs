@@ -274,17 +274,7 @@ fn codec_split(bytes: &[u8]) -> (Duration, Duration) {
         }
     };
     let frame = decode();
-    let encode = || {
-        let (w, h) = (frame.width() as usize, frame.height() as usize);
-        let image = turbojpeg::Image {
-            pixels: frame.as_raw().as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2).expect("encode")
-    };
+    let encode = || jpeg_420(&frame, 90);
     let time = |f: &dyn Fn()| {
         median(
             (0..RUNS)
