@@ -124,7 +124,7 @@ fn finish(
     })
 }
 
-/// JPEG in, JPEG out, nothing resized (a turn that is not lossless, a
+/// JPEG in, JPEG out, nothing resized (a phone photo stored sideways, a
 /// re-encode to fit the size limit, padding a panorama): done on the
 /// stream's own YCbCr planes, with no colour conversion either way and
 /// half the memory of RGB. `None` sends the caller down the RGB path:
@@ -336,12 +336,13 @@ fn orient<P: image::Pixel<Subpixel = u8>>(
     // Each arm hands `turn` its own closure (a type of its own), so the
     // coordinate mapping is inlined into the copy loop rather than called
     // per pixel; likewise the pixel size is a constant.
-    let out = match (exif, P::CHANNEL_COUNT) {
+    let c = P::CHANNEL_COUNT;
+    let out = match exif {
         // Stored (x, y) of displayed pixel (u, v); the displayed image is h x w.
-        (5, c) => turn_with(&img, c, |u, v| (v, u)),
-        (6, c) => turn_with(&img, c, |u, v| (v, h - 1 - u)),
-        (7, c) => turn_with(&img, c, |u, v| (w - 1 - v, h - 1 - u)),
-        (8, c) => turn_with(&img, c, |u, v| (w - 1 - v, u)),
+        5 => turn_with(&img, c, |u, v| (v, u)),
+        6 => turn_with(&img, c, |u, v| (v, h - 1 - u)),
+        7 => turn_with(&img, c, |u, v| (w - 1 - v, h - 1 - u)),
+        8 => turn_with(&img, c, |u, v| (w - 1 - v, u)),
         _ => {
             let mut img = img;
             match exif {
