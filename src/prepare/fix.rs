@@ -76,10 +76,18 @@ pub(super) fn fix(
 ) -> Result<Prepared, PrepareError> {
     let planned = plan(source.width, source.height, source.orientation, spec);
     let mut plan = fit_pixel_budget(planned, spec, output_pixel_budget(&source, spec, limits))?;
-    if let Some(prepared) = fix_in_planes(data, &source, &violations, &plan, spec)? {
-        return Ok(prepared);
-    }
-    let pixels = match decode_turbo(data, &source) {
+    let try_turbo = match fix_in_planes(data, &source, &violations, &plan, spec)? {
+        Planar::Done(prepared) => return Ok(prepared),
+        Planar::Elsewhere => true,
+        // Asking libjpeg-turbo again for RGB would fail the same way.
+        Planar::Declined => false,
+    };
+    let rgb = if try_turbo {
+        decode_turbo(data, &source)
+    } else {
+        None
+    };
+    let pixels = match rgb {
         Some(rgb) => Pixels::Rgb(orient(rgb, source.orientation)),
         None => normalise(decode(data, &source, limits)?, source.orientation),
     };
@@ -124,21 +132,30 @@ fn finish(
     })
 }
 
+/// What [`fix_in_planes`] did.
+enum Planar {
+    Done(Prepared),
+    /// Not a case for planes; the RGB path takes it.
+    Elsewhere,
+    /// libjpeg-turbo found fault with the stream.
+    Declined,
+}
+
 /// JPEG in, JPEG out, nothing resized (a phone photo stored sideways, a
 /// re-encode to fit the size limit, padding a panorama): done on the
 /// stream's own YCbCr planes, with no colour conversion either way and
-/// half the memory of RGB. `None` sends the caller down the RGB path:
-/// a resize, margins or a turned frame of odd size (4:2:0 chroma would
-/// land half a pixel off), a stream libjpeg-turbo cannot give as planes,
-/// or one that does not fit the size limit even at the quality floor
-/// (the RGB path downscales).
+/// half the memory of RGB. Anything else goes down the RGB path: a
+/// resize, margins or a turned frame of odd size (4:2:0 chroma would land
+/// half a pixel off), a stream libjpeg-turbo cannot give as planes or
+/// finds fault with, or one that does not fit the size limit even at the
+/// quality floor (the RGB path downscales).
 fn fix_in_planes(
     data: &[u8],
     source: &Probe,
     violations: &[Violation],
     plan: &Plan,
     spec: &Spec,
-) -> Result<Option<Prepared>, PrepareError> {
+) -> Result<Planar, PrepareError> {
     let odd = |v: u32| v % 2 == 1;
     let Margins { left, top, .. } = plan.margins;
     if source.format != SourceFormat::Jpeg
@@ -148,14 +165,14 @@ fn fix_in_planes(
         || odd(top)
         || (plan.orientation != 1 && (odd(source.width) || odd(source.height)))
     {
-        return Ok(None);
+        return Ok(Planar::Elsewhere);
     }
     let planes = match jpeg::decode_planes(data, [source.width, source.height]) {
         Ok(Some(planes)) => planes,
-        Ok(None) => return Ok(None),
+        Ok(None) => return Ok(Planar::Elsewhere),
         Err(e) => {
-            tracing::debug!(error = %e, "libjpeg-turbo declined the planes; decoding to RGB");
-            return Ok(None);
+            tracing::debug!(error = %e, "libjpeg-turbo declined; trying image");
+            return Ok(Planar::Declined);
         }
     };
     let [w, h] = plan.canvas;
@@ -190,10 +207,10 @@ fn fix_in_planes(
                 record,
                 spec,
             )
-            .map(Some);
+            .map(Planar::Done);
         }
     }
-    Ok(None)
+    Ok(Planar::Elsewhere)
 }
 
 /// libjpeg-turbo decode of an 8-bit JPEG; `None` for other formats and

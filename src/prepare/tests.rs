@@ -462,3 +462,26 @@ fn probe_reads_the_colour_model_and_check_flags_cmyk_and_deep_images() {
     let p = img.get_pixel(160, 160).0;
     assert!(p[0] > 240 && p[1] < 15 && p[2] < 15, "{p:?}");
 }
+
+#[test]
+fn a_jpeg_libjpeg_turbo_finds_fault_with_is_decoded_by_image() {
+    // Stray bytes before the scan: libjpeg-turbo reports "extraneous
+    // bytes before marker" (an error through the TurboJPEG API), while
+    // zune-jpeg reads on. Real cameras and editors write such files.
+    let src = RgbImage::from_fn(400, 320, |x, _| Rgb([(x % 256) as u8, 90, 160]));
+    let clean = with_exif_orientation(&jpeg_420(&src, 90), 6);
+    let sos = clean
+        .windows(2)
+        .position(|w| w == [0xFF, 0xDA])
+        .expect("a scan");
+    let mut stray = clean[..sos].to_vec();
+    stray.extend_from_slice(&[0x00, 0x17]);
+    stray.extend_from_slice(&clean[sos..]);
+    assert!(
+        super::jpeg::decode_rgb(&stray, [400, 320]).is_err(),
+        "the fixture must upset libjpeg-turbo"
+    );
+    let out = run(stray).unwrap();
+    assert_in_spec(&out);
+    assert_eq!((out.width, out.height), (320, 400));
+}
