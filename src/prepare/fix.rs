@@ -23,6 +23,7 @@ use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
 use image::{DynamicImage, ImageBuffer, ImageReader, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 
 use super::jpeg::Chan;
+use super::turn::orient;
 
 use super::probe::{from_image_error, guard_panic};
 use super::{
@@ -335,85 +336,6 @@ fn normalise(image: DynamicImage, orientation: u8) -> Pixels {
         return Pixels::Rgb(orient(rgb, orientation));
     }
     Pixels::Rgb(orient(image.into_rgb8(), orientation))
-}
-
-/// Side of the square tiles a quarter turn copies at a time: a tile of
-/// source rows and one of destination rows both stay in cache.
-const TURN_TILE: u32 = 64;
-
-/// Apply an EXIF orientation. Flips and the half turn are row-friendly and
-/// left to `image`; the quarter turns (5-8, every portrait phone photo)
-/// are done tile by tile, several times faster than pixel by pixel over
-/// the whole frame. Works on RGB(A) pixels and on single YCbCr planes.
-fn orient<P: image::Pixel<Subpixel = u8>>(
-    img: ImageBuffer<P, Vec<u8>>,
-    exif: u8,
-) -> ImageBuffer<P, Vec<u8>> {
-    let (w, h) = img.dimensions();
-    // Each arm hands `turn` its own closure (a type of its own), so the
-    // coordinate mapping is inlined into the copy loop rather than called
-    // per pixel; likewise the pixel size is a constant.
-    let c = P::CHANNEL_COUNT;
-    let out = match exif {
-        // Stored (x, y) of displayed pixel (u, v); the displayed image is h x w.
-        5 => turn_with(&img, c, |u, v| (v, u)),
-        6 => turn_with(&img, c, |u, v| (v, h - 1 - u)),
-        7 => turn_with(&img, c, |u, v| (w - 1 - v, h - 1 - u)),
-        8 => turn_with(&img, c, |u, v| (w - 1 - v, u)),
-        _ => {
-            let mut img = img;
-            match exif {
-                2 => image::imageops::flip_horizontal_in_place(&mut img),
-                3 => image::imageops::rotate180_in_place(&mut img),
-                4 => image::imageops::flip_vertical_in_place(&mut img),
-                _ => {}
-            }
-            return img;
-        }
-    };
-    ImageBuffer::from_raw(h, w, out).unwrap_or_else(|| unreachable!("same pixel count"))
-}
-
-/// [`turn`] with the pixel size as a constant.
-fn turn_with<P: image::Pixel<Subpixel = u8>>(
-    img: &ImageBuffer<P, Vec<u8>>,
-    channels: u8,
-    source: impl Fn(u32, u32) -> (u32, u32),
-) -> Vec<u8> {
-    let (w, h) = img.dimensions();
-    match channels {
-        1 => turn::<1>(img.as_raw(), w, h, source),
-        3 => turn::<3>(img.as_raw(), w, h, source),
-        4 => turn::<4>(img.as_raw(), w, h, source),
-        c => unreachable!("{c}-channel pixels are normalised before orienting"),
-    }
-}
-
-/// Quarter turn of a `w` x `h` buffer of `C`-byte pixels into an `h` x `w`
-/// one; `source` gives the stored (x, y) of displayed pixel (u, v).
-fn turn<const C: usize>(
-    src: &[u8],
-    w: u32,
-    h: u32,
-    source: impl Fn(u32, u32) -> (u32, u32),
-) -> Vec<u8> {
-    let mut out = vec![0u8; src.len()];
-    let (dw, dh) = (h, w);
-    for tv in (0..dh).step_by(TURN_TILE as usize) {
-        for tu in (0..dw).step_by(TURN_TILE as usize) {
-            for v in tv..(tv + TURN_TILE).min(dh) {
-                let row = v as usize * dw as usize;
-                for u in tu..(tu + TURN_TILE).min(dw) {
-                    let (x, y) = source(u, v);
-                    let from = (y as usize * w as usize + x as usize) * C;
-                    let to = (row + u as usize) * C;
-                    let px: [u8; C] = src[from..from + C].try_into().unwrap_or([0; C]);
-                    out[to..to + C].copy_from_slice(&px);
-                }
-            }
-        }
-    }
-    out
 }
 
 impl Pixels {

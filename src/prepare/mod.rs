@@ -22,6 +22,7 @@ mod jpeg;
 mod probe;
 #[cfg(test)]
 pub(crate) mod testkit;
+mod turn;
 
 pub use check::{Violation, check};
 pub use geometry::{
