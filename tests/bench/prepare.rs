@@ -10,22 +10,23 @@
 //! same steps with the same settings (Lanczos3, white padding, JPEG quality
 //! and 4:2:0 chroma subsampling, PNG deflate level 6), in process through
 //! pyvips with `VIPS_CONCURRENCY=1` and its operation cache off. Times are
-//! medians of several runs after a warm-up. Peak memory is measured per
+//! medians of several runs after a warm-up, the two sides' runs interleaved
+//! so that noise from neighbours on a shared machine falls on both. Peak memory is measured per
 //! job in a fresh process on each side (VmHWM after the job minus before).
 //!
 //! Modes: no argument runs everything; `rss <file>` prepares one file in
 //! this process and prints `rss_kb <delta>` (used by the RSS comparison).
 
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, RgbImage};
 use kling_archiver::prepare::{self, Limits, Spec, Transform};
 
-const RUNS: usize = 7;
+const RUNS: usize = 9;
 /// The 12 MP cases whose peak memory per job is compared.
 const RSS_CASES: [&str; 4] = ["jpeg_12mp_phone", "jpeg_12mp", "jpeg_12mp_big", "png_12mp"];
 
@@ -179,18 +180,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn ours(bytes: &[u8]) -> (Duration, prepare::Prepared) {
-    let data = Bytes::copy_from_slice(bytes);
-    let run = || prepare::prepare(data.clone(), &Spec::KLING, &Limits::default()).expect("prepare");
-    let out = run(); // warm-up
-    let times = (0..RUNS)
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(run());
-            t.elapsed()
-        })
-        .collect();
-    (median(times), out)
+/// One run of our `prepare` on `data`, timed.
+fn ours(data: &Bytes) -> (Duration, prepare::Prepared) {
+    let t = Instant::now();
+    let out = prepare::prepare(data.clone(), &Spec::KLING, &Limits::default()).expect("prepare");
+    (t.elapsed(), out)
 }
 
 /// The steps for the libvips side, from our transform record.
@@ -228,20 +222,73 @@ fn vips_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bench/vips_side.py")
 }
 
-/// Run the libvips side: returns its median milliseconds per case, and its
-/// per-job peak RSS for each of [`RSS_CASES`].
-fn vips(dir: &Path, plans: &serde_json::Value) -> serde_json::Value {
-    let plan_file = dir.join("plans.json");
-    std::fs::write(&plan_file, plans.to_string()).unwrap();
+/// The libvips side, a child process that runs one timed job of a named
+/// case per request, so that its runs interleave with ours.
+struct Vips {
+    child: Child,
+    requests: ChildStdin,
+    answers: BufReader<ChildStdout>,
+}
+
+impl Vips {
+    fn start(plan_file: &Path) -> Vips {
+        let mut child = Command::new(python())
+            .arg(vips_script())
+            .arg("serve")
+            .arg(plan_file)
+            .env("VIPS_CONCURRENCY", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect(
+                "run python3 tests/bench/vips_side.py (bash tests/bench/prepare.sh installs pyvips)",
+            );
+        let requests = child.stdin.take().expect("piped stdin");
+        let mut vips = Vips {
+            answers: BufReader::new(child.stdout.take().expect("piped stdout")),
+            requests,
+            child,
+        };
+        assert_eq!(vips.answer(), "ready", "libvips side failed to start");
+        vips
+    }
+
+    fn answer(&mut self) -> String {
+        let mut line = String::new();
+        self.answers
+            .read_line(&mut line)
+            .expect("read the libvips side");
+        line.trim().to_owned()
+    }
+
+    /// One libvips run of case `name`, as timed inside its process.
+    fn time(&mut self, name: &str) -> Duration {
+        writeln!(self.requests, "{name}").expect("ask the libvips side");
+        let answer = self.answer();
+        let ms: f64 = answer.parse().unwrap_or_else(|_| {
+            panic!("libvips side answered {answer:?} for {name} (see its stderr)")
+        });
+        Duration::from_secs_f64(ms / 1e3)
+    }
+}
+
+impl Drop for Vips {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// libvips's per-job peak RSS for each of [`RSS_CASES`] (each in a fresh
+/// process), and its version.
+fn vips_rss(plan_file: &Path) -> serde_json::Value {
     let out = Command::new(python())
         .arg(vips_script())
-        .arg(&plan_file)
-        .arg(RUNS.to_string())
+        .arg("rss")
+        .arg(plan_file)
         .env("VIPS_CONCURRENCY", "1")
         .output()
-        .expect(
-            "run python3 tests/bench/vips_side.py (bash tests/bench/prepare.sh installs pyvips)",
-        );
+        .expect("run python3 tests/bench/vips_side.py rss");
     assert!(
         out.status.success(),
         "libvips side failed: {}",
@@ -309,18 +356,17 @@ fn run_all() {
         report.push('\n');
     };
     line(format!(
-        "prepare vs libvips, single-threaded, median of {RUNS} runs after a warm-up"
+        "prepare vs libvips, single-threaded, median of {RUNS} interleaved runs after a warm-up"
     ));
     line(String::new());
 
+    // Our warm-up run of each case gives the plan the libvips side follows.
     let cases = cases();
     let mut plans = Vec::new();
-    let mut ours_ms = Vec::new();
     for c in &cases {
         let input = dir.path().join(format!("{}.in", c.name));
         std::fs::write(&input, &c.bytes).unwrap();
-        let (t, out) = ours(&c.bytes);
-        ours_ms.push(ms(t));
+        let (_, out) = ours(&Bytes::copy_from_slice(&c.bytes));
         plans.push(serde_json::json!({
             "name": c.name, "input": input, "steps": vips_plan(&out),
         }));
@@ -334,15 +380,35 @@ fn run_all() {
             kling_archiver::report::describe_transforms(&out.transforms.steps)
         );
     }
-    let v = vips(
-        dir.path(),
-        &serde_json::json!({"cases": plans, "rss_cases": RSS_CASES}),
-    );
+    let plan_file = dir.path().join("plans.json");
+    let plans = serde_json::json!({"cases": plans, "rss_cases": RSS_CASES});
+    std::fs::write(&plan_file, plans.to_string()).unwrap();
+
+    // Runs alternate between the sides (and which goes first), so that a
+    // burst of noise from a neighbour on this shared machine falls on both.
+    let mut vips = Vips::start(&plan_file);
+    let mut times = Vec::new();
+    for c in &cases {
+        let data = Bytes::copy_from_slice(&c.bytes);
+        vips.time(c.name); // its warm-up
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for run in 0..RUNS {
+            if run % 2 == 0 {
+                mine.push(ours(&data).0);
+                theirs.push(vips.time(c.name));
+            } else {
+                theirs.push(vips.time(c.name));
+                mine.push(ours(&data).0);
+            }
+        }
+        times.push((ms(median(mine)), ms(median(theirs))));
+    }
+    drop(vips);
+    let v = vips_rss(&plan_file);
 
     line("| case | input | ours ms | libvips ms | ratio (libvips / ours) |".into());
     line("| --- | --- | ---: | ---: | ---: |".into());
-    for (c, ours) in cases.iter().zip(&ours_ms) {
-        let theirs = v["times_ms"][c.name].as_f64().unwrap_or(f64::NAN);
+    for (c, (ours, theirs)) in cases.iter().zip(&times) {
         line(format!(
             "| {} | {} ({:.1} MB) | {ours:.1} | {theirs:.1} | **{:.2}×** |",
             c.name,

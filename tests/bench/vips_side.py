@@ -1,18 +1,22 @@
 """The libvips side of tests/bench/prepare.rs.
 
 Reads the plans written by the Rust side (for each case: the input file and
-the steps our `prepare` took, from its transform record), performs the same
-steps with pyvips in this process, single-threaded (VIPS_CONCURRENCY=1, set
-by the caller) and with the operation cache off, and prints JSON: the median
-milliseconds per case, the peak RSS of one job of each named 12 MP case,
-each measured in a fresh process, and the libvips version.
+the steps our `prepare` took, from its transform record) and performs the
+same steps with pyvips in this process, single-threaded (VIPS_CONCURRENCY=1,
+set by the caller) and with the operation cache off.
 
-Usage: vips_side.py PLANS.json RUNS        (what prepare.rs runs)
-       vips_side.py rss PLAN.json          (one job; prints rss_kb N)
+Usage:
+  vips_side.py serve PLANS.json   one timed job per case name read on stdin,
+                                  answering its milliseconds on stdout, so
+                                  that the Rust side can interleave its own
+                                  runs with ours and both meet the same noise
+  vips_side.py rss PLANS.json     JSON: the peak RSS of one job of each of
+                                  the plans' rss_cases, each in a fresh
+                                  process, and the libvips version
+  vips_side.py rss-one PLAN.json  one job; prints rss_kb N
 """
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -67,40 +71,47 @@ def run(data, steps):
     return out
 
 
-def time_case(case, runs):
-    data = open(case["input"], "rb").read()
-    run(data, case["steps"])  # warm-up
-    times = []
-    for _ in range(runs):
+def serve(plans):
+    cases = {
+        c["name"]: (open(c["input"], "rb").read(), c["steps"]) for c in plans["cases"]
+    }
+    print("ready", flush=True)
+    for line in sys.stdin:
+        data, steps = cases[line.strip()]
         t = time.perf_counter()
-        run(data, case["steps"])
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        run(data, steps)
+        print((time.perf_counter() - t) * 1e3, flush=True)
 
 
-def main():
-    if sys.argv[1] == "rss":
-        case = json.load(open(sys.argv[2]))
-        data = open(case["input"], "rb").read()
-        before = vm_hwm_kb()
-        run(data, case["steps"])
-        print(f"rss_kb {vm_hwm_kb() - before}")
-        return
-    plans = json.load(open(sys.argv[1]))
-    runs = int(sys.argv[2])
-    times = {c["name"]: time_case(c, runs) for c in plans["cases"]}
+def rss(plans, plans_file):
     rss_kb = {}
     for case in plans["cases"]:
         if case["name"] not in plans["rss_cases"]:
             continue
-        one = sys.argv[1] + ".rss.json"
+        one = plans_file + ".rss.json"
         json.dump(case, open(one, "w"))
         child = subprocess.run(
-            [sys.executable, __file__, "rss", one], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "rss-one", one], capture_output=True, text=True, check=True
         )
         rss_kb[case["name"]] = int(child.stdout.split()[1])
     version = "%d.%d.%d" % tuple(pyvips.version(i) for i in range(3))
-    print(json.dumps({"times_ms": times, "rss_kb": rss_kb, "version": version}))
+    print(json.dumps({"rss_kb": rss_kb, "version": version}))
+
+
+def main():
+    mode, path = sys.argv[1], sys.argv[2]
+    if mode == "rss-one":
+        case = json.load(open(path))
+        data = open(case["input"], "rb").read()
+        before = vm_hwm_kb()
+        run(data, case["steps"])
+        print(f"rss_kb {vm_hwm_kb() - before}")
+    elif mode == "serve":
+        serve(json.load(open(path)))
+    elif mode == "rss":
+        rss(json.load(open(path)), path)
+    else:
+        sys.exit(f"unknown mode {mode!r}; see the docstring")
 
 
 if __name__ == "__main__":
