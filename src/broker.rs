@@ -392,10 +392,7 @@ impl Worker {
                     // release them, and let its jobs finish.
                     hold.cancel();
                     hold = shutdown.child_token();
-                    held.consume = None;
-                    if let Some(c) = held.conn.take() {
-                        bounded(c.close(200, "reconnecting".into())).await;
-                    }
+                    held.close("reconnecting").await;
                     reconnects += 1;
                     let delay = backoff_delay(reconnects.min(6));
                     tracing::warn!(
@@ -444,10 +441,7 @@ impl Worker {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        drop(held.consume);
-        if let Some(conn) = held.conn {
-            bounded(conn.close(200, "worker stopping".into())).await;
-        }
+        held.close("worker stopping").await;
         tracing::info!("stopped");
         result
     }
@@ -490,7 +484,7 @@ impl Worker {
             Ok(chs) => chs,
             Err(e) => return SessionEnd::Failed(e),
         };
-        held.consume = Some(consume_ch.clone());
+        held.channels = vec![consume_ch.clone(), publish_ch.clone()];
         // Whether this session's consumer is live (see `return_uncharged`).
         let (consuming, consuming_rx) = watch::channel(false);
         let set_consuming = |on: bool| {
@@ -709,13 +703,29 @@ async fn next_cancelled(
     futures::future::select_all(nexts).await.0
 }
 
-/// What a session leaves for the drain: the connection to close, and the
-/// consuming channel, which must stay open until the drain is over (dropping
-/// its last handle closes it, and in-flight jobs' acks would die with it).
+/// What a session leaves for the drain: the connection to close, and its
+/// consuming and publishing channels, which must stay open until the drain
+/// is over (dropping a channel's last handle closes it, and in-flight jobs'
+/// acks and publishes would die with it).
 #[derive(Default)]
 struct Held {
     conn: Option<Connection>,
-    consume: Option<Channel>,
+    channels: Vec<Channel>,
+}
+
+impl Held {
+    /// Close the channels, then the connection, each bounded. Merely
+    /// dropping a channel queues its close inside lapin, and a connection
+    /// close right behind it makes that queued close fail and lapin log a
+    /// spurious "Connection error" at ERROR.
+    async fn close(&mut self, why: &str) {
+        for ch in std::mem::take(&mut self.channels) {
+            bounded(ch.close(200, why.into())).await;
+        }
+        if let Some(conn) = self.conn.take() {
+            bounded(conn.close(200, why.into())).await;
+        }
+    }
 }
 
 /// Why a connection's session ended.
