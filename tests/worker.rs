@@ -263,7 +263,7 @@ async fn bad_messages_and_images_are_dead_lettered_with_a_reason() {
     };
     for (id, code) in [
         ("both", "job_ambiguous_source"),
-        ("corrupt", "image_undecodable"),
+        ("corrupt", "image_truncated"),
         ("not-an-image", "image_format_unknown"),
         ("ssrf", "source_forbidden_address"),
         ("metadata-svc", "source_forbidden_address"),

@@ -137,7 +137,10 @@ pub fn probe(data: &[u8]) -> Result<Probe, PrepareError> {
     // JPEG: the frame header and the Exif segment say everything, read in
     // one walk over the marker segments (no decoder, no copy).
     let fast = match format {
-        SourceFormat::Jpeg => jpeg_frame(data),
+        SourceFormat::Jpeg => match jpeg_frame(data) {
+            Err(NoScan::CutShort) => return Err(truncated(JPEG_HEADERS_CUT)),
+            found => found.ok().flatten(),
+        },
         _ => None,
     };
     let (width, height, orientation, colour) = match fast {
@@ -185,7 +188,7 @@ pub(super) fn verify_complete(format: SourceFormat, data: &[u8]) -> Result<(), P
     let (body, marker, what): (&[u8], &[u8], &str) = match format {
         SourceFormat::Jpeg => match jpeg_header_len(data) {
             Some(end) => (&data[end..], &[0xFF, 0xD9], "no JPEG end-of-image marker"),
-            None => return Err(truncated("the JPEG headers end before the first scan")),
+            None => return Err(truncated(JPEG_HEADERS_CUT)),
         },
         SourceFormat::Png => (
             data.get(8..).unwrap_or_default(),
@@ -260,6 +263,9 @@ pub(super) fn check_png_metadata(data: &[u8]) -> Result<(), PrepareError> {
     Ok(())
 }
 
+/// Why a JPEG's file ends before its first scan does.
+const JPEG_HEADERS_CUT: &str = "the JPEG headers end before the first scan";
+
 fn truncated(reason: &str) -> PrepareError {
     PrepareError::Truncated {
         reason: reason.to_owned(),
@@ -270,16 +276,26 @@ fn truncated(reason: &str) -> PrepareError {
 /// first start-of-scan (SOS) segment, or `None` if no scan starts. Stray
 /// bytes between segments are skipped, as libjpeg does.
 fn jpeg_header_len(data: &[u8]) -> Option<usize> {
-    walk_jpeg_header(data, |_, _| {})
+    walk_jpeg_header(data, |_, _| {}).ok()
+}
+
+/// Why a walk over a JPEG's marker segments found no scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoScan {
+    /// The data ends first: a file cut short in its headers.
+    CutShort,
+    /// No SOI, a segment length under 2, or EOI before any scan.
+    Malformed,
 }
 
 /// Width, height, EXIF orientation and colour model of a JPEG, from its
 /// frame header (SOFn) and its Exif segment (APP1), in one walk over the
-/// marker segments up to the first scan; `None` when the walk does not
-/// reach a scan or finds no frame header (the decoder then says why).
+/// marker segments up to the first scan; `Ok(None)` when the header has no
+/// frame header, an error when the walk does not reach a scan (for a
+/// malformed header the decoder then says why).
 /// Four components are CMYK (or YCCK); a 12- or 16-bit precision is deep:
 /// `image` converts both silently, so the probe reads the marker itself.
-fn jpeg_frame(data: &[u8]) -> Option<(u32, u32, u8, ColourModel)> {
+fn jpeg_frame(data: &[u8]) -> Result<Option<(u32, u32, u8, ColourModel)>, NoScan> {
     let mut frame = None;
     let mut orientation = 1;
     let mut seen_exif = false;
@@ -304,37 +320,48 @@ fn jpeg_frame(data: &[u8]) -> Option<(u32, u32, u8, ColourModel)> {
                 .map_or(1, |o| o.to_exif());
         }
     })?;
-    let (width, height, colour) = frame?;
-    Some((width, height, orientation, colour))
+    Ok(frame.map(|(width, height, colour)| (width, height, orientation, colour)))
 }
 
 /// Visit a JPEG's marker segments (`seen(marker, payload)`) up to and
 /// including the first SOS; returns the header's length as
-/// [`jpeg_header_len`] does.
-fn walk_jpeg_header(data: &[u8], mut seen: impl FnMut(u8, &[u8])) -> Option<usize> {
-    if data.get(..2)? != [0xFF, 0xD8] {
-        return None;
+/// [`jpeg_header_len`] does, or why no scan was reached.
+fn walk_jpeg_header(data: &[u8], mut seen: impl FnMut(u8, &[u8])) -> Result<usize, NoScan> {
+    use NoScan::{CutShort, Malformed};
+    if data.get(..2).ok_or(CutShort)? != [0xFF, 0xD8] {
+        return Err(Malformed);
     }
+    let byte = |i: usize| data.get(i).copied().ok_or(CutShort);
     let mut at = 2;
     loop {
-        at += data.get(at..)?.iter().position(|&b| b == 0xFF)?;
-        while *data.get(at + 1)? == 0xFF {
+        at += data
+            .get(at..)
+            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+            .ok_or(CutShort)?;
+        while byte(at + 1)? == 0xFF {
             at += 1; // fill bytes
         }
-        let marker = *data.get(at + 1)?;
+        let marker = byte(at + 1)?;
         at += 2;
         match marker {
             0x00 | 0x01 | 0xD0..=0xD8 => continue, // not a marker, or no payload
-            0xD9 => return None,                   // EOI before any scan
+            0xD9 => return Err(Malformed),         // EOI before any scan
             _ => {
-                let len = usize::from(u16::from_be_bytes([*data.get(at)?, *data.get(at + 1)?]));
+                let len = usize::from(u16::from_be_bytes([byte(at)?, byte(at + 1)?]));
                 if len < 2 {
-                    return None;
+                    return Err(Malformed);
                 }
                 let end = at + len;
-                seen(marker, data.get(at + 2..end.min(data.len()))?);
+                seen(
+                    marker,
+                    data.get(at + 2..end.min(data.len())).ok_or(CutShort)?,
+                );
                 if marker == 0xDA {
-                    return (end <= data.len()).then_some(end);
+                    return if end <= data.len() {
+                        Ok(end)
+                    } else {
+                        Err(CutShort)
+                    };
                 }
                 at = end;
             }
@@ -463,6 +490,24 @@ mod tests {
         junk.extend_from_slice(&jpeg[2..]);
         assert_eq!(jpeg_header_len(&junk), Some(end + 3));
         assert_eq!(jpeg_header_len(&jpeg[..end - 1]), None);
+    }
+
+    #[test]
+    fn a_jpeg_cut_in_its_headers_is_truncated_not_undecodable() {
+        let jpeg = encode(&gradient(64, 64), ImageFormat::Jpeg);
+        let end = jpeg_header_len(&jpeg).unwrap();
+        // Every cut from just after SOI to just before the scan's end.
+        for cut in 3..end {
+            match probe(&jpeg[..cut]) {
+                Err(PrepareError::Truncated { reason }) => assert_eq!(reason, JPEG_HEADERS_CUT),
+                other => panic!("cut at {cut} of {end}: {other:?}"),
+            }
+        }
+        // A malformed header is not a truncation: a segment length of 1.
+        let mut bad = jpeg[..end].to_vec();
+        bad[4..6].copy_from_slice(&[0, 1]);
+        assert_eq!(walk_jpeg_header(&bad, |_, _| {}), Err(NoScan::Malformed));
+        assert!(!matches!(probe(&bad), Err(PrepareError::Truncated { .. })));
     }
 
     #[test]
