@@ -110,11 +110,10 @@ fn copy_region<const C: usize>(
     [u0, u1, v0, v1]: [u32; 4],
     source: impl Fn(u32, u32) -> (u32, u32),
 ) {
-    let dw = h;
     for tv in (v0..v1).step_by(TILE as usize) {
         for tu in (u0..u1).step_by(TILE as usize) {
             for v in tv..(tv + TILE).min(v1) {
-                let row = v as usize * dw as usize;
+                let row = v as usize * h as usize; // the destination is h wide
                 for u in tu..(tu + TILE).min(u1) {
                     let (x, y) = source(u, v);
                     let from = (y as usize * w as usize + x as usize) * C;
