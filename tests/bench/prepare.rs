@@ -9,10 +9,12 @@
 //! side is handed the transform record our side produced and performs the
 //! same steps with the same settings (Lanczos3, white padding, JPEG quality
 //! and 4:2:0 chroma subsampling, PNG deflate level 6), in process through
-//! pyvips with `VIPS_CONCURRENCY=1` and its operation cache off. Times are
-//! medians of several runs after a warm-up, the two sides' runs interleaved
-//! so that noise from neighbours on a shared machine falls on both. Peak memory is measured per
-//! job in a fresh process on each side (VmHWM after the job minus before).
+//! pyvips with `VIPS_CONCURRENCY=1` and its operation cache off. The two
+//! sides' runs interleave, so that noise from neighbours on a shared
+//! machine falls on both: times are medians of several runs after a
+//! warm-up, and the ratio is the median of the neighbouring pairs' ratios.
+//! Peak memory is measured per job in a fresh process on each side (VmHWM
+//! after the job minus before).
 //!
 //! Modes: no argument runs everything; `rss <file>` prepares one file in
 //! this process and prints `rss_kb <delta>` (used by the RSS comparison).
