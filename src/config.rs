@@ -6,6 +6,11 @@
 //! checks it once and produces a `Config` that the rest of the worker trusts.
 //! Secrets come only from the environment or a file and are held as
 //! [`SecretString`], whose `Debug` is redacted.
+//!
+//! A leaf: plain values, one default per setting, and no import of any
+//! other module of the crate. Stages build their own types from these
+//! values (the broker its `Topology`, the pipeline its `Limits`, the result
+//! downloader its host patterns).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,15 +19,15 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
-use crate::archive::ArchiveTarget;
-use crate::prepare::Limits;
-
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_QUEUE: &str = "kling.jobs";
 pub const DEFAULT_KLING_BASE_URL: &str = "https://api-singapore.klingai.com";
 pub const DEFAULT_ARCHIVE: &str = "./kling-archive";
 /// Kling's result CDN. `*.` matches any subdomain.
 pub const DEFAULT_RESULT_HOSTS: &str = "*.klingai.com";
+/// Default retry delays: transient failures that outlast a job's own
+/// retries wait 5 s, then 30 s, then 5 min per further attempt.
+pub const DEFAULT_RETRY_DELAYS_SECS: [u64; 3] = [5, 30, 300];
 
 /// kling-archiver: archive Kling AI image-segmentation results from RabbitMQ
 /// jobs into S3 (or a local directory) before Kling deletes them.
@@ -203,7 +208,7 @@ pub struct WorkerArgs {
     #[arg(
         long,
         env = "WORKER_RETRY_DELAYS_SECS",
-        default_value = "5,30,300",
+        default_values_t = DEFAULT_RETRY_DELAYS_SECS,
         value_delimiter = ',',
         global = true
     )]
@@ -299,34 +304,16 @@ pub struct Config {
     pub archive: ArchiveTarget,
     pub s3_force_path_style: bool,
     pub fetch: FetchConfig,
-    pub result_hosts: Vec<HostPattern>,
-    pub limits: Limits,
+    /// `KLING_RESULT_HOSTS` entries (`host`, `host:port`, `*.domain`); the
+    /// result downloader parses them.
+    pub result_hosts: Vec<String>,
+    /// Largest image, in pixels, the worker will decode.
+    pub max_image_pixels: u64,
     pub pixel_budget: u64,
     pub share_recognitions: bool,
     pub shutdown_timeout: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` listen; `None` when `off`.
     pub http_addr: Option<std::net::SocketAddr>,
-}
-
-impl Config {
-    /// The queues this configuration consumes and declares.
-    pub fn topology(&self) -> crate::broker::Topology {
-        crate::broker::Topology::new(self.queue.clone(), self.delivery_limit)
-            .with_retry_delays(self.retry_delays.clone())
-    }
-}
-
-impl WorkerArgs {
-    /// The queues the flags name (for `enqueue` and `dlq`, which need no
-    /// Kling keys).
-    pub fn topology(&self) -> crate::broker::Topology {
-        crate::broker::Topology::new(self.queue.clone(), self.delivery_limit).with_retry_delays(
-            self.retry_delays_secs
-                .iter()
-                .map(|s| Duration::from_secs(*s))
-                .collect(),
-        )
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -344,7 +331,7 @@ pub struct KlingConfig {
     pub max_in_flight: usize,
     /// Time between probes while the worker is suspended.
     pub probe_interval: Duration,
-    pub breaker: crate::kling::gate::BreakerConfig,
+    pub breaker: BreakerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -369,73 +356,74 @@ impl Default for FetchConfig {
     }
 }
 
-/// An entry of `KLING_RESULT_HOSTS`.
+/// The circuit breaker's window: how many recent Kling calls it looks at,
+/// and how many of them must be outage failures to open it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub window: usize,
+    pub threshold: usize,
+}
+
+impl Default for BreakerConfig {
+    /// 18 of the last 20 calls. With 20 % random transient faults a false
+    /// trip has odds of about 3·10⁻¹¹ per window; a real outage fails
+    /// every call and trips within 20 calls.
+    fn default() -> Self {
+        Self {
+            window: 20,
+            threshold: 18,
+        }
+    }
+}
+
+/// Where the archive is, from `ARCHIVE_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPattern {
-    /// Lower-case host, without the `*.` of a wildcard.
-    host: String,
-    wildcard: bool,
-    port: Option<u16>,
+pub enum ArchiveTarget {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
 }
 
-impl HostPattern {
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let s = s.trim().to_ascii_lowercase();
-        let bad = || ConfigError::Invalid {
-            name: "KLING_RESULT_HOSTS",
-            reason: format!("{s:?} is not host, host:port or *.domain"),
-        };
-        let (wildcard, rest) = match s.strip_prefix("*.") {
-            Some(r) => (true, r.to_owned()),
-            None => (false, s.clone()),
-        };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
-                (h.to_owned(), Some(p.parse::<u16>().map_err(|_| bad())?))
+impl ArchiveTarget {
+    /// `s3://bucket[/prefix]`, `file:///path`, or a plain path.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !bucket_ok {
+                return Err(format!("{bucket:?} is not a valid S3 bucket name"));
             }
-            _ => (rest, None),
-        };
-        if host.is_empty() || host.contains('/') || host.contains('*') {
-            return Err(bad());
+            let prefix = prefix.trim_matches('/').to_owned();
+            let segment_ok = |seg: &str| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._=-".contains(c))
+            };
+            if !prefix.is_empty() && (prefix.len() > 200 || !prefix.split('/').all(segment_ok)) {
+                return Err(format!(
+                    "prefix {prefix:?}: use up to 200 characters of [A-Za-z0-9._=-] between slashes"
+                ));
+            }
+            return Ok(Self::S3 {
+                bucket: bucket.to_owned(),
+                prefix,
+            });
         }
-        Ok(Self {
-            host,
-            wildcard,
-            port,
-        })
-    }
-
-    /// Does this URL's host (and port) match? Without a port in the pattern
-    /// only the scheme's default port matches.
-    pub fn matches(&self, url: &url::Url) -> bool {
-        let Some(host) = url.host_str() else {
-            return false;
-        };
-        let host = host.to_ascii_lowercase();
-        let host_ok = if self.wildcard {
-            host.strip_suffix(&self.host)
-                .is_some_and(|head| head.ends_with('.') && head.len() > 1)
-        } else {
-            host == self.host
-        };
-        let port_ok = match self.port {
-            Some(p) => url.port_or_known_default() == Some(p),
-            None => url.port().is_none(),
-        };
-        host_ok && port_ok
-    }
-}
-
-impl std::fmt::Display for HostPattern {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.wildcard {
-            f.write_str("*.")?;
+        let path = s.strip_prefix("file://").unwrap_or(s);
+        if path.is_empty() {
+            return Err("empty path".into());
         }
-        f.write_str(&self.host)?;
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
+        if s.contains("://") && !s.starts_with("file://") {
+            return Err(format!(
+                "{s:?}: use s3://bucket/prefix, file:///path or a path"
+            ));
         }
-        Ok(())
+        Ok(Self::Local(PathBuf::from(path)))
     }
 }
 
@@ -522,12 +510,12 @@ impl WorkerArgs {
         }
         let archive = ArchiveTarget::parse(&self.archive_url)
             .map_err(|reason| invalid("ARCHIVE_URL", reason))?;
-        let result_hosts = self
+        let result_hosts: Vec<String> = self
             .result_hosts
             .iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| HostPattern::parse(s))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
         if result_hosts.is_empty() {
             return Err(invalid("KLING_RESULT_HOSTS", "lists no host".into()));
         }
@@ -553,11 +541,6 @@ impl WorkerArgs {
                 )
             })?),
         };
-        let limits = Limits {
-            max_pixels: self.max_image_pixels,
-            max_input_bytes: self.source_max_bytes,
-            ..Limits::default()
-        };
         Ok(Config {
             amqp_url: SecretString::from(self.amqp_url),
             queue: self.queue,
@@ -579,7 +562,7 @@ impl WorkerArgs {
                 max_backoff: Duration::from_secs(30),
                 max_in_flight: usize::from(self.concurrency),
                 probe_interval: Duration::from_secs(self.kling_probe_interval_secs.max(1)),
-                breaker: crate::kling::gate::BreakerConfig::default(),
+                breaker: BreakerConfig::default(),
             },
             archive,
             s3_force_path_style: self.s3_force_path_style,
@@ -590,7 +573,7 @@ impl WorkerArgs {
                 ..FetchConfig::default()
             },
             result_hosts,
-            limits,
+            max_image_pixels: self.max_image_pixels,
             pixel_budget,
             share_recognitions: self.share_recognitions,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
@@ -603,34 +586,6 @@ impl WorkerArgs {
 mod tests {
     use super::*;
 
-    fn url(s: &str) -> url::Url {
-        url::Url::parse(s).unwrap()
-    }
-
-    #[test]
-    fn host_patterns_match_exactly_what_they_say() {
-        let exact = HostPattern::parse("cdn.klingai.com").unwrap();
-        assert!(exact.matches(&url("https://cdn.klingai.com/a.png")));
-        assert!(exact.matches(&url("https://CDN.klingai.com/a.png")));
-        assert!(!exact.matches(&url("https://cdn.klingai.com:8443/a.png")));
-        assert!(!exact.matches(&url("https://evil-cdn.klingai.com/a.png")));
-        assert!(!exact.matches(&url("https://cdn.klingai.com.evil.net/a.png")));
-
-        let wild = HostPattern::parse("*.klingai.com").unwrap();
-        assert!(wild.matches(&url("https://v15-kling.klingai.com/x.png")));
-        assert!(!wild.matches(&url("https://klingai.com/x.png")));
-        assert!(!wild.matches(&url("https://evilklingai.com/x.png")));
-
-        let port = HostPattern::parse("127.0.0.1:8089").unwrap();
-        assert!(port.matches(&url("http://127.0.0.1:8089/cdn/x.png")));
-        assert!(!port.matches(&url("http://127.0.0.1:8090/cdn/x.png")));
-        assert_eq!(port.to_string(), "127.0.0.1:8089");
-
-        for bad in ["", "a/b", "x:notaport", "*.", "a*.b"] {
-            assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
     #[test]
     fn cli_parses_the_contract_defaults() {
         let cli = Cli::try_parse_from(["worker"]).unwrap();
@@ -642,6 +597,43 @@ mod tests {
             .unwrap();
         assert_eq!(cli.worker.concurrency, 32);
         assert!(cli.worker.source_allow_private);
+        assert_eq!(cli.worker.retry_delays_secs, DEFAULT_RETRY_DELAYS_SECS);
+    }
+
+    #[test]
+    fn archive_targets_parse() {
+        assert_eq!(
+            ArchiveTarget::parse("s3://bucket/a/b/").unwrap(),
+            ArchiveTarget::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(
+            ArchiveTarget::parse("s3://my-bucket").unwrap(),
+            ArchiveTarget::S3 {
+                bucket: "my-bucket".into(),
+                prefix: String::new()
+            }
+        );
+        assert_eq!(
+            ArchiveTarget::parse("file:///tmp/x").unwrap(),
+            ArchiveTarget::Local("/tmp/x".into())
+        );
+        assert_eq!(
+            ArchiveTarget::parse("./arch").unwrap(),
+            ArchiveTarget::Local("./arch".into())
+        );
+        for bad in [
+            "s3://",
+            "s3://B/x",
+            "s3://ok-bucket/a/../b",
+            "gs://x/y",
+            "http://x/y",
+            "",
+        ] {
+            assert!(ArchiveTarget::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -16,12 +16,13 @@ use lapin::options::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::manifest::Manifest;
 use crate::archive::{ObjectKey, Store};
-use crate::broker::{JobEvent, Worker};
-use crate::config::{DemoArgs, HostPattern, WorkerArgs};
+use crate::broker::JobEvent;
+use crate::config::{DemoArgs, WorkerArgs};
+use crate::manifest::Manifest;
 use crate::pipeline::Outcome;
 use crate::sim::{SimConfig, Simulator};
+use crate::worker::Worker;
 
 /// A generated sample and what the demo expects of it.
 pub struct Sample {
@@ -79,28 +80,7 @@ pub fn samples() -> Vec<Sample> {
     ]
 }
 
-/// Insert an APP1 Exif segment holding only `Orientation = orientation`
-/// right after the SOI marker of `jpeg`.
-pub fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
-    let mut tiff = Vec::new();
-    tiff.extend_from_slice(b"MM\0\x2A"); // big-endian TIFF header
-    tiff.extend_from_slice(&8u32.to_be_bytes()); // first IFD right after it
-    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
-    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
-    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
-    tiff.extend_from_slice(&1u32.to_be_bytes()); // count
-    tiff.extend_from_slice(&[0, orientation, 0, 0]); // value, padded
-    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
-    let payload: Vec<u8> = b"Exif\0\0".iter().chain(&tiff).copied().collect();
-    let len = u16::try_from(payload.len() + 2).unwrap();
-
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&[0xFF, 0xE1]);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&payload);
-    out.extend_from_slice(&jpeg[2..]);
-    out
-}
+pub use crate::prepare::with_exif_orientation;
 
 /// A simple scene: a gradient background and a coloured "subject" with a
 /// "head", so the simulator's masks have something to find.
@@ -172,7 +152,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
     config.kling.base_url = url::Url::parse(&sim.base_url())?;
     config.kling.min_backoff = Duration::from_millis(200);
     config.archive = crate::archive::ArchiveTarget::Local(out.clone());
-    config.result_hosts = vec![HostPattern::parse(&sim.result_host())?];
+    config.result_hosts = vec![sim.result_host()];
     config.shutdown_timeout = Duration::from_secs(10);
 
     println!("kling-archiver demo");
@@ -189,7 +169,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         .await
         .context("RabbitMQ is not reachable at AMQP_URL; start it (e.g. `rabbitmq-server -detached`) and retry")?;
     let ch = conn.create_channel().await?;
-    let topology = config.topology();
+    let topology = crate::broker::Topology::of(&config);
     topology.declare(&ch).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
 
@@ -218,7 +198,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
     }
     println!("published {} jobs; processing…", samples.len());
 
-    let pipeline = Arc::new(crate::build_pipeline(&config).await?);
+    let pipeline = Arc::new(crate::worker::build_pipeline(&config).await?);
     let store = pipeline.store().clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();

@@ -12,6 +12,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Classify, Disposition};
+use crate::net::redact_url;
 
 /// Bodies larger than this are refused before JSON parsing: an inline image
 /// of 10 MB base64-encodes to ~13.4 MB, and anything the worker accepts
@@ -105,19 +106,6 @@ impl fmt::Debug for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.describe())
     }
-}
-
-/// A URL without userinfo and query string: signed URLs carry credentials in
-/// the query (`X-Amz-Signature=`), which must not reach logs or manifests.
-pub fn redact_url(url: &url::Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    if u.query().is_some() {
-        u.set_query(Some("REDACTED"));
-    }
-    u.set_fragment(None);
-    u.to_string()
 }
 
 /// Free-form publisher labels, copied into the manifest and object metadata.

@@ -5,8 +5,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kling_archiver::config::{Cli, Command};
-use kling_archiver::{broker, demo, sim, telemetry};
+use kling_archiver::archive::{ArchiveTarget, Store};
+use kling_archiver::broker::{BrokerError, Topology};
+use kling_archiver::config::{
+    Cli, Command, DlqAction, DlqArgs, EnqueueArgs, ReportArgs, SimArgs, VerifyArgs, WorkerArgs,
+};
+use kling_archiver::{BuildError, RunError, demo, sim, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes (documented in docs/operations.md).
@@ -34,73 +38,85 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli))
 }
 
+/// Why a command did not succeed, and so the exit code.
+enum Failure {
+    /// Bad flags or environment: exit 2.
+    Config(String),
+    /// The command ran and failed, or found problems: exit 1.
+    Failed(String),
+    /// The worker stopped on a fatal error (logged already): exit 3.
+    Fatal,
+}
+
+impl Failure {
+    fn config(e: impl std::fmt::Display) -> Self {
+        Failure::Config(e.to_string())
+    }
+
+    fn failed(e: impl std::fmt::Display) -> Self {
+        Failure::Failed(e.to_string())
+    }
+}
+
+/// The one mapping from a command's result to the process's exit code.
+fn exit_code(result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(msg)) => {
+            tracing::error!(error = %msg, "invalid configuration");
+            eprintln!("error: {msg}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Failed(msg)) => {
+            if !msg.is_empty() {
+                eprintln!("error: {msg}");
+            }
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(Failure::Fatal) => ExitCode::from(EXIT_FATAL),
+    }
+}
+
 async fn run(cli: Cli) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match cli.command {
-        None => {
-            let config = match cli.worker.into_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "invalid configuration");
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match kling_archiver::run_worker(config, shutdown).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(kling_archiver::RunError::Broker(broker::BrokerError::Fatal)) => {
-                    ExitCode::from(EXIT_FATAL)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "worker failed");
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Some(Command::Demo(args)) => match demo::run(cli.worker, args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("demo failed: {e:#}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
+    exit_code(match cli.command {
+        None => consume(cli.worker, shutdown).await,
+        Some(Command::Demo(args)) => demo::run(cli.worker, args)
+            .await
+            .map_err(|e| Failure::failed(format!("demo failed: {e:#}"))),
         Some(Command::Enqueue(args)) => enqueue(&cli.worker, args).await,
         Some(Command::Dlq(args)) => dlq(&cli.worker, args).await,
         Some(Command::Verify(args)) => verify(&cli.worker, args).await,
         Some(Command::Report(args)) => report(&cli.worker, args).await,
         Some(Command::Sim(args)) => {
-            let cfg = match sim_config(&args) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match sim::run(cfg, async move { shutdown.cancelled().await }).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("simulator failed: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
+            let cfg = sim_config(&args).map_err(Failure::config);
+            match cfg {
+                Ok(cfg) => sim::run(cfg, async move { shutdown.cancelled().await })
+                    .await
+                    .map_err(|e| Failure::failed(format!("simulator failed: {e}"))),
+                Err(e) => Err(e),
             }
+        }
+    })
+}
+
+async fn consume(args: WorkerArgs, shutdown: CancellationToken) -> Result<(), Failure> {
+    let config = args.into_config().map_err(Failure::config)?;
+    match kling_archiver::run_worker(config, shutdown).await {
+        Ok(()) => Ok(()),
+        Err(RunError::Broker(BrokerError::Fatal)) => Err(Failure::Fatal),
+        Err(RunError::Build(e @ BuildError::ResultHosts(_))) => Err(Failure::config(e)),
+        Err(e) => {
+            tracing::error!(error = %e, "worker failed");
+            Err(Failure::failed(e))
         }
     }
 }
 
-async fn enqueue(
-    worker: &kling_archiver::config::WorkerArgs,
-    args: kling_archiver::config::EnqueueArgs,
-) -> ExitCode {
+async fn enqueue(worker: &WorkerArgs, args: EnqueueArgs) -> Result<(), Failure> {
     use kling_archiver::admin::enqueue;
-    let source = match enqueue::Source::detect(&args.source) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let source = enqueue::Source::detect(&args.source).map_err(Failure::config)?;
     let s3 = match source {
         enqueue::Source::S3 { .. } => {
             Some(kling_archiver::s3_client(worker.s3_force_path_style).await)
@@ -113,38 +129,29 @@ async fn enqueue(
         dry_run: args.dry_run,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let topology = worker.topology();
+    let topology = Topology::from_args(worker);
     let url = secrecy::SecretString::from(worker.amqp_url.clone());
     let started = std::time::Instant::now();
-    match enqueue::run(&opts, &topology, &url, s3.as_ref()).await {
-        Ok(report) => {
-            println!(
-                "{}",
-                enqueue::summary(&report, &worker.queue, args.dry_run, started.elapsed())
-            );
-            if report.skipped.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILURE)
-            }
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+    let report = enqueue::run(&opts, &topology, &url, s3.as_ref())
+        .await
+        .map_err(Failure::failed)?;
+    println!(
+        "{}",
+        enqueue::summary(&report, &worker.queue, args.dry_run, started.elapsed())
+    );
+    if report.skipped.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::failed(""))
     }
 }
 
-async fn dlq(
-    worker: &kling_archiver::config::WorkerArgs,
-    args: kling_archiver::config::DlqArgs,
-) -> ExitCode {
+async fn dlq(worker: &WorkerArgs, args: DlqArgs) -> Result<(), Failure> {
     use kling_archiver::admin::dlq;
-    use kling_archiver::config::DlqAction;
-    let topology = worker.topology();
+    let topology = Topology::from_args(worker);
     let url = secrecy::SecretString::from(worker.amqp_url.clone());
     let dead = topology.dead_letter_queue();
-    let result = match args.action {
+    match args.action {
         DlqAction::List => dlq::list(&topology, &url)
             .await
             .map(|groups| print!("{}", dlq::render(&groups, &dead))),
@@ -154,38 +161,21 @@ async fn dlq(
         DlqAction::Purge { reason, yes } => dlq::purge(&topology, &url, reason.as_deref(), yes)
             .await
             .map(|n| println!("purged {n} dead letters from {dead}")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
     }
+    .map_err(Failure::failed)
 }
 
 /// The archive named by `--archive` / `ARCHIVE_URL`.
-async fn open_archive(
-    worker: &kling_archiver::config::WorkerArgs,
-) -> Result<kling_archiver::archive::Store, ExitCode> {
-    let target =
-        kling_archiver::archive::ArchiveTarget::parse(&worker.archive_url).map_err(|e| {
-            eprintln!("error: ARCHIVE_URL: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        })?;
+async fn open_archive(worker: &WorkerArgs) -> Result<Store, Failure> {
+    let target = ArchiveTarget::parse(&worker.archive_url)
+        .map_err(|e| Failure::config(format!("ARCHIVE_URL: {e}")))?;
     let s3 = kling_archiver::s3_client(worker.s3_force_path_style).await;
-    Ok(kling_archiver::archive::Store::open(&target, &s3))
+    Ok(Store::open(&target, &s3))
 }
 
-async fn report(
-    worker: &kling_archiver::config::WorkerArgs,
-    args: kling_archiver::config::ReportArgs,
-) -> ExitCode {
+async fn report(worker: &WorkerArgs, args: ReportArgs) -> Result<(), Failure> {
     use kling_archiver::report;
-    let store = match open_archive(worker).await {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+    let store = open_archive(worker).await?;
     let opts = report::Options {
         since: args.since,
         limit: args.limit,
@@ -193,65 +183,45 @@ async fn report(
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let started = std::time::Instant::now();
-    match report::write(&store, &opts, &args.out).await {
-        Ok(w) => {
-            println!(
-                "wrote {} ({} jobs, {:.1} MB) in {:.1}s",
-                w.path.display(),
-                w.summary.jobs,
-                w.bytes as f64 / 1e6,
-                started.elapsed().as_secs_f64()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    let w = report::write(&store, &opts, &args.out)
+        .await
+        .map_err(Failure::failed)?;
+    println!(
+        "wrote {} ({} jobs, {:.1} MB) in {:.1}s",
+        w.path.display(),
+        w.summary.jobs,
+        w.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
-async fn verify(
-    worker: &kling_archiver::config::WorkerArgs,
-    args: kling_archiver::config::VerifyArgs,
-) -> ExitCode {
+async fn verify(worker: &WorkerArgs, args: VerifyArgs) -> Result<(), Failure> {
     use kling_archiver::admin::verify;
-    let store = match open_archive(worker).await {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+    let store = open_archive(worker).await?;
     let opts = verify::Options {
         since: args.since,
         quick: args.quick,
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let started = std::time::Instant::now();
-    match verify::run(&store, &opts).await {
-        Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                println!("{}", report.summary(started.elapsed()));
-            }
-            if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILURE)
-            }
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+    let report = verify::run(&store, &opts).await.map_err(Failure::failed)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        println!("{}", report.summary(started.elapsed()));
+    }
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(Failure::failed(""))
     }
 }
 
-fn sim_config(
-    args: &kling_archiver::config::SimArgs,
-) -> Result<sim::SimConfig, kling_archiver::config::ConfigError> {
+fn sim_config(args: &SimArgs) -> Result<sim::SimConfig, kling_archiver::config::ConfigError> {
     use secrecy::ExposeSecret;
     let ak = kling_archiver::config::secret_from_env("KLING_ACCESS_KEY")?;
     let sk = kling_archiver::config::secret_from_env("KLING_SECRET_KEY")?;

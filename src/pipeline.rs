@@ -25,16 +25,16 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
-use crate::archive::download::{DownloadError, ResultDownloader};
-use crate::archive::manifest::{
-    Manifest, PreparedImage, RecognitionRecord, ResultEvent, SCHEMA_VERSION, SegmentEntry,
-    SourceImage, WorkerInfo, now_rfc3339,
-};
 use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, StoreError, layout};
+use crate::download::{DownloadError, ResultDownloader};
 use crate::error::{Classify, Disposition};
 use crate::fetch::{FetchError, Fetcher};
 use crate::job::{Job, JobId, labels_metadata_value};
 use crate::kling::{KlingClient, KlingError, Recognition, SegmentResult};
+use crate::manifest::{
+    Manifest, PreparedImage, RecognitionRecord, ResultEvent, SCHEMA_VERSION, SegmentEntry,
+    SourceImage, WorkerInfo, now_rfc3339,
+};
 use crate::prepare::{self, Limits, PrepareError, Prepared, Spec};
 
 /// Segment downloads in flight per job.
@@ -516,7 +516,7 @@ impl Pipeline {
             .iter()
             .map(|s| {
                 let n = seen.entry(s.kind.as_str()).or_default();
-                let key = layout::segment(&rec.request_id, &s.kind, *n);
+                let key = layout::segment(&rec.request_id, s.kind.as_str(), *n);
                 *n += 1;
                 (s, key)
             })

@@ -275,7 +275,7 @@ async fn worker_verify_catches_a_corrupted_and_a_deleted_object() {
 
     // Corrupt one segment, delete another object.
     let store = env.store();
-    let m0: kling_archiver::archive::manifest::Manifest = serde_json::from_slice(
+    let m0: kling_archiver::manifest::Manifest = serde_json::from_slice(
         &store
             .get(&ObjectKey::parse("jobs/v-0/manifest.json").unwrap())
             .await

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::{Backend, TestEnv, b64};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
-use kling_archiver::archive::manifest::Manifest;
 use kling_archiver::broker::JobEvent;
 use kling_archiver::demo::{scene, with_exif_orientation};
+use kling_archiver::manifest::Manifest;
 use kling_archiver::pipeline::Hooks;
 
 fn enc(img: &DynamicImage, f: ImageFormat) -> Vec<u8> {

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Backend, TestEnv, b64, jpeg, png, serve_files};
-use kling_archiver::archive::manifest::Manifest;
 use kling_archiver::archive::{ObjectKey, Store};
 use kling_archiver::broker::JobEvent;
+use kling_archiver::manifest::Manifest;
 use kling_archiver::pipeline::{Hooks, Outcome};
 use kling_archiver::sim::Fault;
 
@@ -404,7 +404,7 @@ async fn a_worker_stopped_before_the_manifest_leaves_the_message_for_the_next_ru
 async fn segment_urls_outside_the_allowlist_are_refused() {
     let env = TestEnv::new(Backend::Local).await;
     let mut cfg = env.config();
-    cfg.result_hosts = vec![kling_archiver::config::HostPattern::parse("*.klingai.com").unwrap()];
+    cfg.result_hosts = vec!["*.klingai.com".to_owned()];
     let mut w = env.start_worker(cfg, Hooks::default());
     env.publish_json(serde_json::json!({"job_id": "cdn", "image_base64": b64(&jpeg(400, 400))}))
         .await;

@@ -46,7 +46,7 @@ pub enum DlqError {
     #[error(
         "the job queue did not confirm a replayed message; it stays in the dead-letter queue: {0}"
     )]
-    Replay(String),
+    Replay(#[source] crate::broker::PublishError),
     #[error("purging every dead letter needs --yes (or pick one with --reason)")]
     NotConfirmed,
 }

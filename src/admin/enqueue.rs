@@ -218,7 +218,7 @@ impl Item {
         match self {
             Item::File(p) => p.display().to_string(),
             Item::Url(u) => match url::Url::parse(u) {
-                Ok(url) => crate::job::redact_url(&url),
+                Ok(url) => crate::net::redact_url(&url),
                 Err(_) => u.chars().take(80).collect(),
             },
             Item::Line { n, .. } => format!("line {n}"),

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::archive::manifest::Manifest;
 use crate::archive::{ObjectKey, Sha256, Store, StoreError};
+use crate::manifest::Manifest;
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {

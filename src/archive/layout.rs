@@ -14,7 +14,6 @@
 
 use super::{ObjectKey, Sha256};
 use crate::job::JobId;
-use crate::kling::SegmentType;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -67,32 +66,34 @@ pub fn recognition_of_job(prepared: &Sha256, job: &JobId) -> ObjectKey {
 }
 
 /// `n` disambiguates a type that appears more than once in one answer.
-pub fn segment(request_id: &str, kind: &SegmentType, n: usize) -> ObjectKey {
+/// A type that is not key-safe is stored under a hash of it.
+pub fn segment(request_id: &str, kind: &str, n: usize) -> ObjectKey {
     let suffix = if n == 0 {
         String::new()
     } else {
         format!("-{n}")
     };
     key(format!(
-        "segments/{}/{kind}{suffix}.png",
-        request_dir(request_id)
+        "segments/{}/{}{suffix}.png",
+        key_segment(request_id, 96),
+        key_segment(kind, 64)
     ))
 }
 
-/// A request id as a key segment: kept when it is short and key-safe,
-/// otherwise replaced by a hash of it.
-fn request_dir(request_id: &str) -> String {
-    let safe = !request_id.is_empty()
-        && request_id.len() <= 96
-        && request_id != "."
-        && request_id != ".."
-        && request_id
+/// A value from Kling (a request id, a segment type) as one key segment:
+/// kept when it is short and key-safe, otherwise replaced by a hash of it.
+fn key_segment(value: &str, max: usize) -> String {
+    let safe = !value.is_empty()
+        && value.len() <= max
+        && value != "."
+        && value != ".."
+        && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if safe {
-        request_id.to_owned()
+        value.to_owned()
     } else {
-        format!("h-{}", &Sha256::of(request_id.as_bytes()).hex()[..32])
+        format!("h-{}", &Sha256::of(value.as_bytes()).hex()[..32])
     }
 }
 
@@ -120,22 +121,20 @@ mod tests {
             recognition(&sha).as_str(),
             format!("recognitions/{sha}.json")
         );
-        let t = SegmentType::parse("face_seg").unwrap();
         assert_eq!(
-            segment("req-1", &t, 0).as_str(),
+            segment("req-1", "face_seg", 0).as_str(),
             "segments/req-1/face_seg.png"
         );
         assert_eq!(
-            segment("req-1", &t, 2).as_str(),
+            segment("req-1", "face_seg", 2).as_str(),
             "segments/req-1/face_seg-2.png"
         );
     }
 
     proptest! {
         #[test]
-        fn any_request_id_gives_a_valid_key(rid in ".{0,200}") {
-            let t = SegmentType::parse("object_seg").unwrap();
-            let k = segment(&rid, &t, 0);
+        fn any_request_id_or_type_gives_a_valid_key(rid in ".{0,200}", kind in ".{0,100}") {
+            let k = segment(&rid, &kind, 0);
             prop_assert!(k.as_str().starts_with("segments/"));
         }
     }

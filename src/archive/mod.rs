@@ -4,15 +4,13 @@
 //!   S3-compatible server) and a local directory. Same semantics on both:
 //!   atomic whole-object writes, metadata, SHA-256, create-if-absent.
 //! - [`layout`]: every key the worker writes (documented in `docs/s3-layout.md`).
-//! - [`manifest`]: the manifest and the recognition record.
-//! - [`download`]: fetching segment PNGs from Kling's CDN (allowlisted).
 //!
-//! Knows nothing about RabbitMQ or how images are prepared.
+//! A store of keys and bytes: knows nothing about RabbitMQ, how images are
+//! fetched or prepared, or Kling (the manifest, which names those, lives
+//! beside the pipeline in `crate::manifest`).
 
-pub mod download;
 pub mod layout;
 pub mod local;
-pub mod manifest;
 pub mod s3;
 
 use std::collections::BTreeMap;
@@ -22,51 +20,11 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use sha2::Digest as _;
 
+pub use crate::config::ArchiveTarget;
 use crate::error::{Classify, Disposition};
 
 pub use local::LocalStore;
 pub use s3::S3Store;
-
-/// Where the archive is, from `ARCHIVE_URL`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ArchiveTarget {
-    Local(PathBuf),
-    S3 { bucket: String, prefix: String },
-}
-
-impl ArchiveTarget {
-    /// `s3://bucket[/prefix]`, `file:///path`, or a plain path.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Some(rest) = s.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            let bucket_ok = (3..=63).contains(&bucket.len())
-                && bucket
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-            if !bucket_ok {
-                return Err(format!("{bucket:?} is not a valid S3 bucket name"));
-            }
-            let prefix = prefix.trim_matches('/').to_owned();
-            if !prefix.is_empty() {
-                ObjectKey::parse(&prefix).map_err(|e| format!("prefix: {e}"))?;
-            }
-            return Ok(Self::S3 {
-                bucket: bucket.to_owned(),
-                prefix,
-            });
-        }
-        let path = s.strip_prefix("file://").unwrap_or(s);
-        if path.is_empty() {
-            return Err("empty path".into());
-        }
-        if s.contains("://") && !s.starts_with("file://") {
-            return Err(format!(
-                "{s:?}: use s3://bucket/prefix, file:///path or a path"
-            ));
-        }
-        Ok(Self::Local(PathBuf::from(path)))
-    }
-}
 
 /// A key inside the archive, relative to its prefix. Segments are
 /// `[A-Za-z0-9._=-]`, never empty, `.` or `..`: safe as S3 keys and as paths.
@@ -367,35 +325,6 @@ impl Classify for StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn archive_targets_parse() {
-        assert_eq!(
-            ArchiveTarget::parse("s3://my-bucket/a/b/").unwrap(),
-            ArchiveTarget::S3 {
-                bucket: "my-bucket".into(),
-                prefix: "a/b".into()
-            }
-        );
-        assert_eq!(
-            ArchiveTarget::parse("s3://my-bucket").unwrap(),
-            ArchiveTarget::S3 {
-                bucket: "my-bucket".into(),
-                prefix: String::new()
-            }
-        );
-        assert_eq!(
-            ArchiveTarget::parse("file:///srv/a").unwrap(),
-            ArchiveTarget::Local("/srv/a".into())
-        );
-        assert_eq!(
-            ArchiveTarget::parse("./arch").unwrap(),
-            ArchiveTarget::Local("./arch".into())
-        );
-        for bad in ["s3://", "s3://B", "s3://ok-bucket/../x", "gs://x/y", ""] {
-            assert!(ArchiveTarget::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn object_keys_refuse_traversal() {

@@ -22,7 +22,7 @@ use super::gate::{Cause, Gate, Health};
 use super::limiter::{AimdLimiter, Signal};
 use crate::config::KlingConfig;
 use crate::error::Classify;
-use crate::fetch::error_chain;
+use crate::net::{self, error_chain};
 
 /// The longest `Retry-After` obeyed; the job deadline bounds it anyway.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -82,10 +82,7 @@ impl KlingClient {
             .map_err(|e| KlingError::Transport {
                 reason: format!("bad KLING_BASE_URL: {e}"),
             })?;
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("kling-archiver/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(cfg.request_timeout)
+        let http = net::client_builder(Duration::from_secs(10), cfg.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| KlingError::Transport {
@@ -257,7 +254,7 @@ impl KlingClient {
                         "circuit breaker open: most recent Kling calls failed; the worker stops taking jobs and probes"
                     );
                 }
-                crate::ops::metrics::suspended(Some(s.cause));
+                crate::ops::metrics::suspended(s.cause.as_str(), true);
                 loop {
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -265,7 +262,9 @@ impl KlingClient {
                     }
                     if self.probe().await {
                         self.gate.resume();
-                        crate::ops::metrics::suspended(None);
+                        for c in [Cause::Account, Cause::Outage] {
+                            crate::ops::metrics::suspended(c.as_str(), false);
+                        }
                         tracing::info!(
                             suspended_s = s.since.elapsed().as_secs(),
                             "Kling answers the probe again; the worker resumes taking jobs"

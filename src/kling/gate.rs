@@ -51,25 +51,7 @@ pub struct Suspension {
     pub since: Instant,
 }
 
-/// The breaker's window: how many recent calls it looks at, and how many
-/// of them must be outage failures to open it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerConfig {
-    pub window: usize,
-    pub threshold: usize,
-}
-
-impl Default for BreakerConfig {
-    /// 18 of the last 20 calls. With 20 % random transient faults a false
-    /// trip has odds of about 3·10⁻¹¹ per window; a real outage fails
-    /// every call and trips within 20 calls.
-    fn default() -> Self {
-        Self {
-            window: 20,
-            threshold: 18,
-        }
-    }
-}
+pub use crate::config::BreakerConfig;
 
 /// What a finished call tells the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

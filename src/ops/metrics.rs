@@ -12,8 +12,6 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::kling::gate::Cause;
-
 /// Messages settled, by `outcome` (`archived`, `already_archived`,
 /// `dead_lettered`, `requeued`, `returned`, `fatal`) and `code` (the
 /// failure's stable code, `none` on success).
@@ -102,10 +100,19 @@ pub fn kling_limit(limit: usize) {
     gauge!(KLING_LIMIT).set(limit as f64);
 }
 
-pub fn suspended(cause: Option<Cause>) {
-    for c in [Cause::Account, Cause::Outage] {
-        let on = if cause == Some(c) { 1.0 } else { 0.0 };
-        gauge!(SUSPENDED, "cause" => c.as_str()).set(on);
+/// The `cause` values of [`SUSPENDED`]: Kling refuses the account, Kling
+/// outage (breaker open), archive unreachable, Kling's CDN failing.
+pub const SUSPEND_CAUSES: [&str; 4] = ["account", "outage", "archive", "cdn"];
+
+/// Set [`SUSPENDED`] for one cause.
+pub fn suspended(cause: &'static str, on: bool) {
+    gauge!(SUSPENDED, "cause" => cause).set(if on { 1.0 } else { 0.0 });
+}
+
+/// Every cause at 0, so the series exist from start-up.
+pub fn not_suspended() {
+    for c in SUSPEND_CAUSES {
+        suspended(c, false);
     }
 }
 

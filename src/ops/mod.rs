@@ -9,8 +9,8 @@
 pub mod metrics;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -18,19 +18,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::kling::gate::Suspension;
-
-/// The worker's state as readiness sees it. Shared by the broker (which
-/// sets it) and the HTTP listener (which reads it).
+/// The worker's state as readiness sees it. Shared by the broker and the
+/// worker's assembly (which set it) and the HTTP listener (which reads it).
 #[derive(Debug)]
 pub struct Status {
     consuming: AtomicBool,
     draining: AtomicBool,
     store_ok: AtomicBool,
-    gate: watch::Receiver<Option<Suspension>>,
+    suspended: Mutex<Option<NotReady>>,
 }
 
 /// Why the worker is not ready.
@@ -44,13 +41,18 @@ pub struct NotReady {
 }
 
 impl Status {
-    pub fn new(gate: watch::Receiver<Option<Suspension>>) -> Self {
+    pub fn new() -> Self {
         Self {
             consuming: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             store_ok: AtomicBool::new(true),
-            gate,
+            suspended: Mutex::new(None),
         }
+    }
+
+    /// Why the worker is suspended (a dependency refuses work), or `None`.
+    pub fn set_suspended(&self, why: Option<NotReady>) {
+        *self.suspended.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     pub fn set_consuming(&self, on: bool) {
@@ -74,15 +76,13 @@ impl Status {
                 action: None,
             });
         }
-        if let Some(s) = self.gate.borrow().as_ref() {
-            return Err(NotReady {
-                reason: match s.cause {
-                    crate::kling::gate::Cause::Account => "suspended: Kling refuses the account",
-                    crate::kling::gate::Cause::Outage => "suspended: Kling outage (circuit open)",
-                },
-                code: Some(s.code),
-                action: Some(s.advice),
-            });
+        if let Some(why) = self
+            .suspended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(why);
         }
         if !self.store_ok.load(Ordering::SeqCst) {
             return Err(NotReady {
@@ -99,6 +99,12 @@ impl Status {
             });
         }
         Ok(())
+    }
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -28,7 +28,7 @@ pub use check::{Violation, check};
 pub use geometry::{
     Margins, Plan, Transform, TransformRecord, displayed_dims, displayed_to_stored, plan,
 };
-pub use probe::{ColourModel, Probe, SourceFormat, probe};
+pub use probe::{ColourModel, Probe, SourceFormat, probe, with_exif_orientation};
 
 use crate::error::{Classify, Disposition};
 

@@ -401,6 +401,29 @@ pub(super) fn guard_panic<T>(
     })
 }
 
+/// Insert an APP1 Exif segment holding only `Orientation = orientation`
+/// right after the SOI marker of `jpeg`.
+pub fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"MM\0\x2A"); // big-endian TIFF header
+    tiff.extend_from_slice(&8u32.to_be_bytes()); // first IFD right after it
+    tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+    tiff.extend_from_slice(&[0, orientation, 0, 0]); // value, padded
+    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    let payload: Vec<u8> = b"Exif\0\0".iter().chain(&tiff).copied().collect();
+    let len = u16::try_from(payload.len() + 2).unwrap_or(u16::MAX);
+
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

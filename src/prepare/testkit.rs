@@ -46,7 +46,7 @@ pub fn jpeg_420(image: &image::RgbImage, quality: u8) -> Vec<u8> {
         .to_vec()
 }
 
-pub use crate::demo::with_exif_orientation;
+pub use super::probe::with_exif_orientation;
 
 /// A PNG that declares `width x height` RGB pixels but holds only the
 /// signature, a valid IHDR, a tiny IDAT (an empty zlib stream) and IEND:

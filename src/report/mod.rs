@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt as _;
 
-use crate::archive::manifest::Manifest;
 use crate::archive::{ObjectKey, Store, StoreError};
+use crate::manifest::Manifest;
 use crate::prepare::Transform;
 
 pub use html::esc;

@@ -9,10 +9,12 @@ use std::time::Duration;
 use clap::Parser as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kling_archiver::archive::{ArchiveTarget, Store};
-use kling_archiver::broker::{JobEvent, Topology, Worker};
-use kling_archiver::config::{Cli, Config, HostPattern};
+use kling_archiver::broker::{JobEvent, Topology};
+use kling_archiver::config::{Cli, Config};
+use kling_archiver::net::HostPattern;
 use kling_archiver::pipeline::{Hooks, Pipeline};
 use kling_archiver::sim::{SimConfig, SimHandle, Simulator};
+use kling_archiver::worker::Worker;
 use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,

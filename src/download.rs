@@ -5,16 +5,17 @@
 //! size-capped and must be a complete, fully decodable PNG before they
 //! are stored. Transient CDN failures are retried here with backoff; 403,
 //! 404 and 410 mean the result has expired.
+//!
+//! Sits on [`crate::net`] like `fetch`; knows nothing about jobs, the
+//! archive or RabbitMQ.
 
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 
-use crate::config::HostPattern;
 use crate::error::{Classify, Disposition};
-use crate::fetch::{FetchError, error_chain, read_capped};
-use crate::job::redact_url;
+use crate::net::{self, BodyError, HostPattern, RedirectRefused, error_chain, redact_url};
 
 /// A segment PNG is at most the prepared image's pixels in RGBA, compressed;
 /// this leaves room for pathological compression.
@@ -40,19 +41,8 @@ impl ResultDownloader {
     pub fn new(hosts: Vec<HostPattern>) -> Result<Self, DownloadError> {
         let hosts = std::sync::Arc::new(hosts);
         let policy_hosts = hosts.clone();
-        let redirect = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 5 {
-                return attempt.stop();
-            }
-            match check_url(attempt.url(), &policy_hosts) {
-                Ok(()) => attempt.follow(),
-                Err(e) => attempt.error(e),
-            }
-        });
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("kling-archiver/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(120))
+        let redirect = net::checked_redirects(5, move |url| check_url(url, &policy_hosts));
+        let http = net::client_builder(Duration::from_secs(10), Duration::from_secs(120))
             .redirect(redirect)
             .build()
             .map_err(|e| DownloadError::Network {
@@ -100,13 +90,11 @@ impl ResultDownloader {
                 });
             }
         }
-        let bytes = read_capped(resp, MAX_SEGMENT_BYTES, url)
+        let bytes = net::read_capped(resp, MAX_SEGMENT_BYTES)
             .await
             .map_err(|e| match e {
-                FetchError::TooLarge { limit } => DownloadError::TooLarge { limit },
-                other => DownloadError::Network {
-                    reason: other.to_string(),
-                },
+                BodyError::TooLarge { limit } => DownloadError::TooLarge { limit },
+                BodyError::Read(e) => DownloadError::from_reqwest(e, url),
             })?;
         let check = bytes.clone();
         let (width, height) = tokio::task::spawn_blocking(move || verify_png(&check))
@@ -209,6 +197,8 @@ pub enum DownloadError {
     Expired { url: String, status: u16 },
     #[error("segment URL answered HTTP {status} ({url})")]
     Status { url: String, status: u16 },
+    #[error("segment URL redirect refused: {reason} ({url})")]
+    Redirects { url: String, reason: String },
     #[error("segment is larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("segment from {url} is not a valid PNG: {reason}")]
@@ -219,22 +209,27 @@ pub enum DownloadError {
 
 impl DownloadError {
     fn from_reqwest(e: reqwest::Error, url: &url::Url) -> Self {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(c) = cause {
-            if let Some(d) = c.downcast_ref::<DownloadError>() {
-                return match d {
-                    DownloadError::HostNotAllowed { host } => {
-                        DownloadError::HostNotAllowed { host: host.clone() }
-                    }
-                    DownloadError::InsecureScheme { scheme } => DownloadError::InsecureScheme {
-                        scheme: scheme.clone(),
-                    },
-                    other => DownloadError::Network {
-                        reason: other.to_string(),
-                    },
+        match net::find_cause::<DownloadError>(&e) {
+            Some(DownloadError::HostNotAllowed { host }) => {
+                return DownloadError::HostNotAllowed { host: host.clone() };
+            }
+            Some(DownloadError::InsecureScheme { scheme }) => {
+                return DownloadError::InsecureScheme {
+                    scheme: scheme.clone(),
                 };
             }
-            cause = c.source();
+            Some(other) => {
+                return DownloadError::Network {
+                    reason: other.to_string(),
+                };
+            }
+            None => {}
+        }
+        if let Some(r) = net::find_cause::<RedirectRefused>(&e) {
+            return DownloadError::Redirects {
+                url: redact_url(url),
+                reason: r.0.clone(),
+            };
         }
         DownloadError::Network {
             reason: format!("{}: {}", redact_url(url), error_chain(&e.without_url())),
@@ -247,6 +242,7 @@ impl Classify for DownloadError {
         match self {
             DownloadError::HostNotAllowed { .. }
             | DownloadError::InsecureScheme { .. }
+            | DownloadError::Redirects { .. }
             | DownloadError::TooLarge { .. } => Disposition::Permanent,
             // Expired is decided by the pipeline: re-recognize once, then give up.
             DownloadError::Expired { .. } => Disposition::Permanent,
@@ -264,6 +260,7 @@ impl Classify for DownloadError {
             DownloadError::InsecureScheme { .. } => "result_insecure_scheme",
             DownloadError::Expired { .. } => "results_expired",
             DownloadError::Status { .. } => "result_http_error",
+            DownloadError::Redirects { .. } => "result_redirect_refused",
             DownloadError::TooLarge { .. } => "result_too_large",
             DownloadError::NotPng { .. } => "result_not_png",
             DownloadError::Network { .. } => "result_network",

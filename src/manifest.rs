@@ -3,10 +3,14 @@
 //!
 //! A manifest at `jobs/<job_id>/manifest.json` means the job is complete:
 //! it is written last, create-if-absent, after every object it names.
+//!
+//! Lives above the stages, beside the pipeline: it names types of
+//! `prepare` and `kling`, which the archive (a store of keys and bytes)
+//! must not know.
 
 use serde::{Deserialize, Serialize};
 
-use super::Sha256;
+use crate::archive::Sha256;
 use crate::kling::{Recognition, SegmentType};
 use crate::prepare::{OutputFormat, SourceFormat, TransformRecord, Violation};
 
