@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Backend, TestEnv, b64, jpeg};
+use common::{Backend, TestEnv, b64, eventually, jpeg};
 use kling_archiver::archive::ObjectKey;
 
 /// A loopback port nothing listens on (for the ops listener).
@@ -38,16 +38,14 @@ async fn the_binary_archives_with_env_config_and_drains_on_sigterm() {
 
     let store =
         kling_archiver::archive::Store::s3(env.s3.client.clone(), env.bucket.clone(), "bin");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for id in ["bin-1", "bin-2"] {
         let key = ObjectKey::parse(&format!("jobs/{id}/manifest.json")).unwrap();
-        while store.head(&key).await.unwrap().is_none() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} not archived in time"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            &format!("{id} archived"),
+            Duration::from_secs(60),
+            || async { store.head(&key).await.unwrap().map(|_| ()) },
+        )
+        .await;
     }
     env.wait_ready(&env.queue, 0, Duration::from_secs(10)).await;
 
@@ -162,11 +160,12 @@ async fn sigterm_mid_job_finishes_that_job_takes_no_other_and_exits_0() {
         .expect("start worker");
     let pid = child.id();
     // Wait for the first job's Kling call to be in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while env.sim.stats().in_flight == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no call started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "a Kling call in flight",
+        Duration::from_secs(30),
+        || async { (env.sim.stats().in_flight > 0).then_some(()) },
+    )
+    .await;
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -224,21 +223,17 @@ async fn an_unreachable_archive_makes_the_worker_not_ready() {
         .spawn()
         .expect("start worker");
     let readyz = format!("http://127.0.0.1:{port}/readyz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let body = loop {
-        if let Ok(r) = reqwest::get(&readyz).await {
+    let body = eventually(
+        "/readyz reports the archive",
+        Duration::from_secs(60),
+        || async {
+            let r = reqwest::get(&readyz).await.ok()?;
             let status = r.status().as_u16();
-            let body = r.text().await.unwrap();
-            if status == 503 && body.contains("archive unreachable") {
-                break body;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never reported the archive"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            let body = r.text().await.ok()?;
+            (status == 503 && body.contains("archive unreachable")).then_some(body)
+        },
+    )
+    .await;
     assert!(body.contains("ARCHIVE_URL"), "{body}");
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

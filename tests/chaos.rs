@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Backend, TestEnv, b64, jpeg};
+use common::{Backend, TestEnv, b64, eventually, jpeg};
 use kling_archiver::admin::verify;
 use kling_archiver::archive::Store;
 use kling_archiver::broker::JobEvent;
@@ -46,18 +46,11 @@ async fn archived(store: &Store) -> BTreeSet<String> {
 }
 
 async fn wait_archived(store: &Store, n: usize, within: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
+    eventually(&format!("{n} archived"), within, || async {
         let got = archived(store).await.len();
-        if got >= n {
-            return got;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {got} of {n} archived in time"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (got >= n).then_some(got)
+    })
+    .await
 }
 
 /// Every manifest's objects exist with their recorded hash.
@@ -97,10 +90,12 @@ async fn kill_9_twice_mid_batch_loses_nothing_and_bills_only_what_was_in_flight(
         wait_archived(&store, stop_at, Duration::from_secs(120)).await;
         // Kill while Kling calls are open: the window a kill can make the
         // worker pay for twice (at most its concurrency).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while env.sim.stats().in_flight == 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            "a Kling call in flight",
+            Duration::from_secs(10),
+            || async { (env.sim.stats().in_flight > 0).then_some(()) },
+        )
+        .await;
         in_flight_at_kills.push(env.sim.stats().in_flight);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Backend, RunningWorker, TestEnv, b64, jpeg};
+use common::{Backend, RunningWorker, TestEnv, b64, eventually, jpeg};
 use kling_archiver::broker::{BrokerError, JobEvent};
 use kling_archiver::config::Config;
 use kling_archiver::pipeline::Hooks;
@@ -46,12 +46,15 @@ async fn next_event(w: &mut RunningWorker, within: Duration) -> JobEvent {
     }
 }
 
-async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Wait until the simulator has answered `n` more calls: while suspended
+/// those are the supervisor's probes, so "nothing moved" is checked after
+/// the worker had real chances to move, not after a guessed sleep.
+async fn probes(env: &TestEnv, n: u64) {
+    let start = env.sim.stats().recognize_calls;
+    eventually(&format!("{n} probes"), Duration::from_secs(30), || async {
+        (env.sim.stats().recognize_calls >= start + n).then_some(())
+    })
+    .await;
 }
 
 fn archived(events: &[JobEvent]) -> usize {
@@ -142,7 +145,7 @@ async fn every_kling_answer_decides_the_message_fate() {
                 assert_eq!(why.code, Some(label.as_str()), "{code}");
                 env.wait_ready(&env.queue, 1, Duration::from_secs(10)).await;
                 // Still suspended after several probes: nothing moved.
-                tokio::time::sleep(Duration::from_millis(1000)).await;
+                probes(&env, 3).await;
                 assert!(w.status.readiness().is_err());
                 assert_eq!(env.ready(&env.queue).await, 1, "{code}");
                 env.sim.faults().set_account_error(None);
@@ -281,31 +284,29 @@ async fn arrears_mid_run_suspend_the_worker_and_it_resumes_by_itself() {
 
     env.sim.faults().set_account_error(Some(1101));
     let switched = Instant::now();
-    eventually("worker not ready", Duration::from_secs(5), || {
-        w.status.readiness().is_err()
+    eventually("worker not ready", Duration::from_secs(5), || async {
+        w.status.readiness().is_err().then_some(())
     })
     .await;
     let stopped_in = switched.elapsed();
     assert_eq!(ready_status().await, 503);
     // In-flight jobs either finish (already billed) or come back; then
     // every unfinished job waits in the queue, none unacked, none dead.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        while let Ok(e) = w.events.try_recv() {
-            events.push(e);
-        }
-        let left = jobs as usize - archived(&events);
-        if env.ready(&env.queue).await as usize == left {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "queue never settled at {left} ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "unfinished jobs back in the queue",
+        Duration::from_secs(10),
+        || {
+            while let Ok(e) = w.events.try_recv() {
+                events.push(e);
+            }
+            let left = jobs as usize - archived(&events);
+            let env = &env;
+            async move { (env.ready(&env.queue).await as usize == left).then_some(()) }
+        },
+    )
+    .await;
     let billed_while_suspended = env.sim.stats().billed_calls;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    probes(&env, 3).await;
     assert_eq!(
         env.sim.stats().billed_calls,
         billed_while_suspended,
@@ -341,18 +342,25 @@ async fn a_sustained_outage_opens_the_breaker_instead_of_burning_deliveries() {
     for i in 0..jobs {
         env.publish_json(job("out", i)).await;
     }
-    eventually("breaker open", Duration::from_secs(30), || {
+    eventually("breaker open", Duration::from_secs(30), || async {
         w.status
             .readiness()
             .is_err_and(|n| n.code == Some("kling_5001"))
+            .then_some(())
     })
     .await;
     env.wait_ready(&env.queue, jobs, Duration::from_secs(30))
         .await;
-    let calls = env.sim.stats().recognize_calls;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let probes = env.sim.stats().recognize_calls - calls;
-    assert!(probes <= 5, "only probes while open: {probes} calls in 1 s");
+    // While open only the supervisor calls: every job stays in the queue
+    // through several probes, and nothing is billed.
+    let billed = env.sim.stats().billed_calls;
+    probes(&env, 3).await;
+    assert_eq!(env.ready(&env.queue).await, jobs, "no job ran while open");
+    assert_eq!(
+        env.sim.stats().billed_calls,
+        billed,
+        "only probes while open"
+    );
     env.sim.faults().set_random(0.0, vec![]);
     let events = w.settled(jobs as usize, SETTLE).await;
     assert_eq!(archived(&events), jobs as usize, "{events:?}");

@@ -343,18 +343,11 @@ impl TestEnv {
     /// Poll until `queue` holds `n` ready messages (the broker returns
     /// unacked messages asynchronously after a connection closes).
     pub async fn wait_ready(&self, queue: &str, n: u32, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let got = self.ready(queue).await;
-            if got == n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{queue}: {got} ready, expected {n} within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("{queue}: {n} messages ready");
+        eventually(&what, within, || async {
+            (self.ready(queue).await == n).then_some(())
+        })
+        .await;
     }
 
     /// Drain the dead-letter queue: (reason code, reason, job id, body).
@@ -602,4 +595,25 @@ pub fn manifest_schema_errors(manifest: &[u8]) -> Vec<String> {
         .iter_errors(&value)
         .map(|e| format!("{e} (at {})", e.instance_path()))
         .collect()
+}
+
+/// Poll `check` until it gives `Some`, at most `within`: the one bounded
+/// wait of the tests (no test sleeps to let things settle). Panics naming
+/// `what` when the time runs out.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
