@@ -120,6 +120,12 @@ pub struct EnqueueArgs {
     pub dry_run: bool,
 }
 
+/// A flag value that may carry credentials: held as a [`SecretString`], so
+/// `Debug` of the flags never prints it.
+fn parse_secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s))
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -180,8 +186,8 @@ pub struct SimArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// RabbitMQ URL. May carry credentials; it is never logged.
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_env_values = true)]
-    pub amqp_url: String,
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, global = true, hide_env_values = true, value_parser = parse_secret)]
+    pub amqp_url: SecretString,
 
     /// Job queue. Dead letters go to `<queue>.dead`.
     #[arg(long, env = "WORKER_QUEUE", default_value = DEFAULT_QUEUE, global = true)]
@@ -214,14 +220,27 @@ pub struct WorkerArgs {
     )]
     pub retry_delays_secs: Vec<u64>,
 
-    /// Kling API base URL.
+    /// Kling API base URL. https, or http to a loopback address only.
     #[arg(long, env = "KLING_BASE_URL", default_value = DEFAULT_KLING_BASE_URL)]
     pub kling_base_url: String,
+
+    /// Proxy for calls to the Kling API host, and nothing else
+    /// (`http://host:port`). The worker ignores HTTP_PROXY, HTTPS_PROXY and
+    /// ALL_PROXY: a proxy would fetch job-named URLs past the address guard.
+    #[arg(long, env = "KLING_PROXY", hide_env_values = true)]
+    pub kling_proxy: Option<String>,
 
     /// Where results go: a local directory (path or file:// URL) or
     /// `s3://bucket/prefix`.
     #[arg(long = "archive", env = "ARCHIVE_URL", default_value = DEFAULT_ARCHIVE, global = true)]
     pub archive_url: String,
+
+    /// Keep archiving into a local directory on purpose (a single machine
+    /// with a persistent disk). Without it, a worker on a local archive
+    /// warns at start: in a container that directory dies with it, and a
+    /// fleet does not share it.
+    #[arg(long, env = "ARCHIVE_LOCAL_OK", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub archive_local_ok: bool,
 
     /// Use path-style S3 addressing (MinIO and most S3-compatible servers).
     #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", global = true)]
@@ -237,6 +256,17 @@ pub struct WorkerArgs {
     /// than SOURCE_ALLOW_PRIVATE, which opens every private range.
     #[arg(long, env = "SOURCE_ALLOW_NETS", value_delimiter = ',')]
     pub source_allow_nets: Vec<ipnet::IpNet>,
+
+    /// Buckets `s3://` sources may be read from, comma-separated. The
+    /// worker reads them with its own credentials, so a publisher could
+    /// otherwise have it send any object its role can read to Kling.
+    /// Empty (the default) refuses `s3://` sources.
+    #[arg(long, env = "SOURCE_S3_BUCKETS", value_delimiter = ',')]
+    pub source_s3_buckets: Vec<String>,
+
+    /// Overall time for fetching one source, retries included, in seconds.
+    #[arg(long, env = "SOURCE_FETCH_DEADLINE_SECS", default_value_t = 90)]
+    pub source_fetch_deadline_secs: u64,
 
     /// Largest source image accepted, in bytes.
     #[arg(long, env = "SOURCE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
@@ -302,6 +332,8 @@ pub struct Config {
     pub retry_delays: Vec<Duration>,
     pub kling: KlingConfig,
     pub archive: ArchiveTarget,
+    /// A local archive is intended (`ARCHIVE_LOCAL_OK`): no warning.
+    pub archive_local_ok: bool,
     pub s3_force_path_style: bool,
     pub fetch: FetchConfig,
     /// `KLING_RESULT_HOSTS` entries (`host`, `host:port`, `*.domain`); the
@@ -319,6 +351,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct KlingConfig {
     pub base_url: url::Url,
+    /// Explicit proxy for the Kling API host (`KLING_PROXY`).
+    pub proxy: Option<url::Url>,
     pub access_key: String,
     pub secret_key: SecretString,
     pub max_attempts: u32,
@@ -336,6 +370,10 @@ pub struct KlingConfig {
 
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
+    /// `s3://` sources are read only from these buckets; empty refuses them.
+    pub s3_buckets: Vec<String>,
+    /// One overall deadline per source fetch, retries included.
+    pub deadline: Duration,
     pub allow_private: bool,
     /// Private networks allowed although `allow_private` is off.
     pub allow_nets: Vec<ipnet::IpNet>,
@@ -347,6 +385,8 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
+            s3_buckets: Vec::new(),
+            deadline: Duration::from_secs(90),
             allow_private: false,
             allow_nets: Vec::new(),
             max_bytes: 64 * 1024 * 1024,
@@ -505,9 +545,30 @@ impl WorkerArgs {
         }
         let base_url = url::Url::parse(&self.kling_base_url)
             .map_err(|e| invalid("KLING_BASE_URL", e.to_string()))?;
-        if !matches!(base_url.scheme(), "https" | "http") {
-            return Err(invalid("KLING_BASE_URL", "must be an http(s) URL".into()));
+        let loopback = match base_url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        match base_url.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => {
+                return Err(invalid(
+                    "KLING_BASE_URL",
+                    "must be https (http would send the JWT in clear); http is allowed only for a loopback simulator".into(),
+                ));
+            }
+            _ => return Err(invalid("KLING_BASE_URL", "must be an https URL".into())),
         }
+        let proxy = match self.kling_proxy.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(p) => Some(
+                url::Url::parse(p)
+                    .map_err(|e| invalid("KLING_PROXY", format!("{e}: give http://host:port")))?,
+            ),
+        };
         let archive = ArchiveTarget::parse(&self.archive_url)
             .map_err(|reason| invalid("ARCHIVE_URL", reason))?;
         let result_hosts: Vec<String> = self
@@ -542,7 +603,7 @@ impl WorkerArgs {
             })?),
         };
         Ok(Config {
-            amqp_url: SecretString::from(self.amqp_url),
+            amqp_url: self.amqp_url,
             queue: self.queue,
             concurrency: usize::from(self.concurrency),
             delivery_limit: self.delivery_limit,
@@ -553,6 +614,7 @@ impl WorkerArgs {
                 .collect(),
             kling: KlingConfig {
                 base_url,
+                proxy,
                 access_key,
                 secret_key,
                 max_attempts: self.kling_max_attempts,
@@ -565,8 +627,16 @@ impl WorkerArgs {
                 breaker: BreakerConfig::default(),
             },
             archive,
+            archive_local_ok: self.archive_local_ok,
             s3_force_path_style: self.s3_force_path_style,
             fetch: FetchConfig {
+                s3_buckets: self
+                    .source_s3_buckets
+                    .iter()
+                    .map(|b| b.trim().to_owned())
+                    .filter(|b| !b.is_empty())
+                    .collect(),
+                deadline: Duration::from_secs(self.source_fetch_deadline_secs.max(1)),
                 allow_private: self.source_allow_private,
                 allow_nets: self.source_allow_nets.clone(),
                 max_bytes: self.source_max_bytes,
@@ -585,12 +655,13 @@ impl WorkerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     #[test]
     fn cli_parses_the_contract_defaults() {
         let cli = Cli::try_parse_from(["worker"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.worker.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(cli.worker.amqp_url.expose_secret(), DEFAULT_AMQP_URL);
         assert_eq!(cli.worker.queue, DEFAULT_QUEUE);
         assert_eq!(cli.worker.kling_base_url, DEFAULT_KLING_BASE_URL);
         let cli = Cli::try_parse_from(["worker", "--concurrency", "32", "--source-allow-private"])
@@ -598,6 +669,26 @@ mod tests {
         assert_eq!(cli.worker.concurrency, 32);
         assert!(cli.worker.source_allow_private);
         assert_eq!(cli.worker.retry_delays_secs, DEFAULT_RETRY_DELAYS_SECS);
+    }
+
+    #[test]
+    fn kling_base_url_is_https_unless_loopback() {
+        let cfg = |url: &str| {
+            Cli::try_parse_from(["worker", "--kling-base-url", url])
+                .unwrap()
+                .worker
+                .into_config_with_keys("ak".into(), SecretString::from("sk"))
+        };
+        assert!(cfg("https://api-singapore.klingai.com").is_ok());
+        assert!(cfg("http://127.0.0.1:8089").is_ok());
+        assert!(cfg("http://localhost:8089").is_ok());
+        assert!(cfg("http://[::1]:8089").is_ok());
+        let err = cfg("http://api.klingai.com").unwrap_err().to_string();
+        assert!(
+            err.contains("KLING_BASE_URL") && err.contains("https"),
+            "{err}"
+        );
+        assert!(cfg("ftp://x").is_err());
     }
 
     #[test]
@@ -639,6 +730,8 @@ mod tests {
     #[test]
     fn config_debug_redacts_secrets() {
         let cli = Cli::try_parse_from(["worker", "--amqp-url", "amqp://u:hunter2@h/%2f"]).unwrap();
+        let flags = format!("{:?}", cli.worker);
+        assert!(!flags.contains("hunter2"), "{flags}");
         let cfg = cli
             .worker
             .into_config_with_keys("ak".into(), SecretString::from("very-secret-key"))

@@ -15,7 +15,10 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 
 use crate::error::{Classify, Disposition};
-use crate::net::{self, BodyError, HostPattern, RedirectRefused, error_chain, redact_url};
+use crate::net::{
+    self, AddressGuard, BodyError, ForbiddenTarget, HostPattern, RedirectRefused, error_chain,
+    redact_url,
+};
 
 /// A segment PNG is at most the prepared image's pixels in RGBA, compressed;
 /// this leaves room for pathological compression.
@@ -42,8 +45,12 @@ impl ResultDownloader {
         let hosts = std::sync::Arc::new(hosts);
         let policy_hosts = hosts.clone();
         let redirect = net::checked_redirects(5, move |url| check_url(url, &policy_hosts));
+        // An allowlisted *name* must still not lead into the network the
+        // worker runs in (a `*.klingai.com` record pointing at 10.0.0.5);
+        // IP literals in KLING_RESULT_HOSTS are the operator's explicit word.
         let http = net::client_builder(Duration::from_secs(10), Duration::from_secs(120))
             .redirect(redirect)
+            .dns_resolver(AddressGuard::new(false, Vec::new()).resolver())
             .build()
             .map_err(|e| DownloadError::Network {
                 reason: e.to_string(),
@@ -191,6 +198,10 @@ pub enum DownloadError {
         "segment URL host {host} is not in KLING_RESULT_HOSTS; add it only if it really is Kling's CDN"
     )]
     HostNotAllowed { host: String },
+    #[error(
+        "segment URL refused: {0}; a result host must resolve to a public address (list an IP literal in KLING_RESULT_HOSTS to allow a private one)"
+    )]
+    Forbidden(ForbiddenTarget),
     #[error("segment URL scheme {scheme:?} refused: results are fetched over https")]
     InsecureScheme { scheme: String },
     #[error("segment URL answered HTTP {status}: the result has expired or was removed ({url})")]
@@ -209,6 +220,9 @@ pub enum DownloadError {
 
 impl DownloadError {
     fn from_reqwest(e: reqwest::Error, url: &url::Url) -> Self {
+        if let Some(f) = net::find_cause::<ForbiddenTarget>(&e) {
+            return DownloadError::Forbidden(f.clone());
+        }
         match net::find_cause::<DownloadError>(&e) {
             Some(DownloadError::HostNotAllowed { host }) => {
                 return DownloadError::HostNotAllowed { host: host.clone() };
@@ -241,6 +255,7 @@ impl Classify for DownloadError {
     fn disposition(&self) -> Disposition {
         match self {
             DownloadError::HostNotAllowed { .. }
+            | DownloadError::Forbidden(_)
             | DownloadError::InsecureScheme { .. }
             | DownloadError::Redirects { .. }
             | DownloadError::TooLarge { .. } => Disposition::Permanent,
@@ -257,6 +272,7 @@ impl Classify for DownloadError {
     fn code(&self) -> &'static str {
         match self {
             DownloadError::HostNotAllowed { .. } => "result_host_not_allowed",
+            DownloadError::Forbidden(_) => "result_forbidden_address",
             DownloadError::InsecureScheme { .. } => "result_insecure_scheme",
             DownloadError::Expired { .. } => "results_expired",
             DownloadError::Status { .. } => "result_http_error",
@@ -308,6 +324,26 @@ mod tests {
                 .code(),
             "result_host_not_allowed"
         );
+    }
+
+    #[tokio::test]
+    async fn an_allowlisted_name_that_resolves_inside_the_network_is_refused() {
+        // A server that would answer: the download must never reach it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((_sock, _)) = listener.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let d = ResultDownloader::new(hosts(&[&format!("localhost:{port}")])).unwrap();
+        let url = url::Url::parse(&format!("http://localhost:{port}/seg.png")).unwrap();
+        let err = d.download(&url).await.unwrap_err();
+        assert_eq!(err.code(), "result_forbidden_address", "{err}");
+        assert_eq!(err.disposition(), Disposition::Permanent);
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[test]

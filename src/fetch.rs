@@ -62,8 +62,21 @@ impl Fetcher {
         })
     }
 
-    /// The source's bytes, at most `SOURCE_MAX_BYTES`.
+    /// The source's bytes, at most `SOURCE_MAX_BYTES`, within one overall
+    /// deadline (`SOURCE_FETCH_DEADLINE_SECS`) whatever the retries: a
+    /// source that drips cannot hold a job slot for retries × timeout.
     pub async fn fetch(&self, source: &Source) -> Result<Bytes, FetchError> {
+        let deadline = self.cfg.deadline;
+        match tokio::time::timeout(deadline, self.fetch_with_retries(source)).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Deadline {
+                uri: source.describe(),
+                secs: deadline.as_secs(),
+            }),
+        }
+    }
+
+    async fn fetch_with_retries(&self, source: &Source) -> Result<Bytes, FetchError> {
         let bytes = match source {
             Source::Inline(b) => {
                 if b.len() as u64 > self.cfg.max_bytes {
@@ -82,6 +95,11 @@ impl Fetcher {
                     .await?
             }
             Source::S3 { bucket, key } => {
+                if !self.cfg.s3_buckets.iter().any(|b| b == bucket) {
+                    return Err(FetchError::BucketNotAllowed {
+                        bucket: bucket.clone(),
+                    });
+                }
                 (|| self.fetch_s3(bucket, key))
                     .retry(retry_policy())
                     .when(|e: &FetchError| e.disposition() == Disposition::Transient)
@@ -194,6 +212,14 @@ pub enum FetchError {
     Empty,
     #[error("source download timed out: {uri}")]
     Timeout { uri: String },
+    #[error(
+        "source fetch took longer than its {secs}-second deadline, retries included (SOURCE_FETCH_DEADLINE_SECS): {uri}"
+    )]
+    Deadline { uri: String, secs: u64 },
+    #[error(
+        "s3:// source bucket {bucket:?} is not in SOURCE_S3_BUCKETS; the worker reads only the buckets listed there"
+    )]
+    BucketNotAllowed { bucket: String },
     #[error("source download failed: {reason}")]
     Network { reason: String },
     #[error("reading {uri} from S3 failed: {reason}")]
@@ -252,14 +278,16 @@ impl Classify for FetchError {
             | FetchError::NotFound { .. }
             | FetchError::Denied { .. }
             | FetchError::TooLarge { .. }
+            | FetchError::BucketNotAllowed { .. }
             | FetchError::Empty => Disposition::Permanent,
             FetchError::Status { status, .. } if *status == 429 || *status >= 500 => {
                 Disposition::Transient
             }
             FetchError::Status { .. } => Disposition::Permanent,
-            FetchError::Timeout { .. } | FetchError::Network { .. } | FetchError::S3 { .. } => {
-                Disposition::Transient
-            }
+            FetchError::Timeout { .. }
+            | FetchError::Deadline { .. }
+            | FetchError::Network { .. }
+            | FetchError::S3 { .. } => Disposition::Transient,
         }
     }
 
@@ -275,6 +303,8 @@ impl Classify for FetchError {
             FetchError::TooLarge { .. } => "source_too_large",
             FetchError::Empty => "source_empty",
             FetchError::Timeout { .. } => "source_timeout",
+            FetchError::Deadline { .. } => "source_deadline",
+            FetchError::BucketNotAllowed { .. } => "source_s3_bucket_not_allowed",
             FetchError::Network { .. } => "source_network",
             FetchError::S3 { .. } => "source_s3_error",
         }

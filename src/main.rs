@@ -130,7 +130,7 @@ async fn enqueue(worker: &WorkerArgs, args: EnqueueArgs) -> Result<(), Failure> 
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let topology = Topology::from_args(worker);
-    let url = secrecy::SecretString::from(worker.amqp_url.clone());
+    let url = worker.amqp_url.clone();
     let started = std::time::Instant::now();
     let report = enqueue::run(&opts, &topology, &url, s3.as_ref())
         .await
@@ -149,7 +149,7 @@ async fn enqueue(worker: &WorkerArgs, args: EnqueueArgs) -> Result<(), Failure> 
 async fn dlq(worker: &WorkerArgs, args: DlqArgs) -> Result<(), Failure> {
     use kling_archiver::admin::dlq;
     let topology = Topology::from_args(worker);
-    let url = secrecy::SecretString::from(worker.amqp_url.clone());
+    let url = worker.amqp_url.clone();
     let dead = topology.dead_letter_queue();
     match args.action {
         DlqAction::List => dlq::list(&topology, &url)

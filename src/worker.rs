@@ -213,6 +213,7 @@ fn not_ready(s: &Suspension) -> NotReady {
 /// Run a consuming worker until `shutdown` or a fatal error, with the ops
 /// HTTP listener (`/metrics`, `/healthz`, `/readyz`) when configured.
 pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    warn_if_local(&config);
     let pipeline = Arc::new(build_pipeline(&config).await?);
     let http_addr = config.http_addr;
     let worker = Worker::new(Arc::new(config), pipeline);
@@ -237,6 +238,19 @@ pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(
     }
     result?;
     Ok(())
+}
+
+/// A worker archiving to a local directory is almost always a mistake in
+/// production: say so loudly, and how to mean it.
+fn warn_if_local(config: &Config) {
+    if let crate::config::ArchiveTarget::Local(dir) = &config.archive
+        && !config.archive_local_ok
+    {
+        tracing::warn!(
+            dir = %dir.display(),
+            "archiving to a LOCAL DIRECTORY: in a container it is lost with the container, and workers of a fleet do not share it. Set ARCHIVE_URL=s3://bucket/prefix for production, or ARCHIVE_LOCAL_OK=true if a local archive is what you mean"
+        );
+    }
 }
 
 #[non_exhaustive]

@@ -66,8 +66,54 @@ pub async fn connect_named(
     )
     .await
     .map_err(|e| BrokerError::Connect {
-        reason: e.to_string(),
+        reason: scrub_credentials(&e.to_string(), url.expose_secret()),
     })
+}
+
+/// `msg` without the AMQP URL or its password: the AMQP client repeats a
+/// malformed URL whole in its error, credentials included.
+fn scrub_credentials(msg: &str, url: &str) -> String {
+    let mut out = msg.replace(url, "<AMQP_URL>");
+    // user:password@ between the scheme and the host, parsed by hand so a
+    // URL the url crate refuses is scrubbed too.
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split('/').next().unwrap_or_default();
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+        && !password.is_empty()
+    {
+        out = out.replace(password, "***");
+        if let Ok(decoded) = percent_decode(password)
+            && !decoded.is_empty()
+        {
+            out = out.replace(&decoded, "***");
+        }
+    }
+    out
+}
+
+/// `%XX` escapes decoded (a password in a URL may be percent-encoded).
+fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
 }
 
 /// What happened to one message; sent to an optional observer (the demo,
@@ -147,6 +193,31 @@ pub fn backoff_delay(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_errors_never_carry_the_password() {
+        let url = "amqp://archiver:s3cr%2Ft-pw@rabbit:notaport/%2f";
+        for msg in [
+            format!("invalid uri {url}: bad port"),
+            "auth failed for archiver:s3cr%2Ft-pw".to_owned(),
+            "auth failed: password s3cr/t-pw refused".to_owned(),
+        ] {
+            let out = scrub_credentials(&msg, url);
+            assert!(!out.contains("s3cr"), "{out}");
+        }
+        assert_eq!(
+            scrub_credentials("connection refused", "amqp://guest:guest@h/%2f"),
+            "connection refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_url_with_a_password_fails_without_showing_it() {
+        let url = secrecy::SecretString::from("amqp://u:hunter2-pw@127.0.0.1:notaport/%2f");
+        let err = connect(&url, "test").await.unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("AMQP_URL"), "{err}");
+    }
 
     #[test]
     fn backoff_delay_grows_and_is_capped() {

@@ -82,12 +82,19 @@ impl KlingClient {
             .map_err(|e| KlingError::Transport {
                 reason: format!("bad KLING_BASE_URL: {e}"),
             })?;
-        let http = net::client_builder(Duration::from_secs(10), cfg.request_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| KlingError::Transport {
-                reason: e.to_string(),
+        let mut http = net::client_builder(Duration::from_secs(10), cfg.request_timeout)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(proxy) = &cfg.proxy {
+            // Only the Kling API host goes through it: other requests of
+            // this client do not exist.
+            let p = reqwest::Proxy::all(proxy.as_str()).map_err(|e| KlingError::Transport {
+                reason: format!("KLING_PROXY: {e}"),
             })?;
+            http = http.proxy(p);
+        }
+        let http = http.build().map_err(|e| KlingError::Transport {
+            reason: e.to_string(),
+        })?;
         let tokens = TokenCache::new(cfg.access_key.clone(), &cfg.secret_key);
         let limiter = AimdLimiter::new(cfg.max_in_flight);
         let gate = Gate::new(cfg.breaker);
@@ -565,6 +572,7 @@ mod tests {
         fn client(max_attempts: u32, job_deadline: Duration) -> KlingClient {
             KlingClient::new(KlingConfig {
                 base_url: "http://127.0.0.1:9/".parse().unwrap(),
+                proxy: None,
                 access_key: "ak".into(),
                 secret_key: secrecy::SecretString::from("sk"),
                 max_attempts,

@@ -91,27 +91,50 @@ pub fn is_forbidden_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_forbidden_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = embedded_v4(v6) {
                 return is_forbidden_v4(v4);
             }
-            let seg0 = v6.segments()[0];
+            let s = v6.segments();
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || v6.is_unique_local()
                 || v6.is_unicast_link_local()
-                // 64:ff9b::/96 (NAT64) embeds an IPv4 address: judge that one.
-                || (v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && is_forbidden_v4(embedded_v4(v6)))
+                // 64:ff9b:1::/48: local-use NAT64 (RFC 8215), a gateway into
+                // the operator's own IPv4 network.
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
+                // Teredo (2001::/32) tunnels to an obfuscated IPv4 address.
+                || (s[0] == 0x2001 && s[1] == 0)
+                // discard-only 100::/64
+                || (s[0] == 0x100 && s[1..4] == [0, 0, 0])
                 // site-local (deprecated) and documentation ranges
-                || (seg0 & 0xffc0) == 0xfec0
-                || (seg0 == 0x2001 && v6.segments()[1] == 0x0db8)
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
         }
     }
 }
 
-fn embedded_v4(v6: Ipv6Addr) -> Ipv4Addr {
+/// The IPv4 address an IPv6 address stands for, judged like any IPv4:
+/// IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d` (deprecated,
+/// but some stacks still route it), NAT64 `64:ff9b::a.b.c.d` and 6to4
+/// `2002:aabb:ccdd::/48`.
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let o = v6.octets();
-    Ipv4Addr::new(o[12], o[13], o[14], o[15])
+    let s = v6.segments();
+    let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+        return Some(last);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(last);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    None
 }
 
 fn is_forbidden_v4(v4: Ipv4Addr) -> bool {
@@ -153,6 +176,17 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            // 6to4 of 127.0.0.1, 10.0.0.1 and 169.254.169.254
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2002:a9fe:a9fe::",
+            // IPv4-compatible ::127.0.0.1 and ::169.254.169.254
+            "::7f00:1",
+            "::a9fe:a9fe",
+            // local-use NAT64, Teredo
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:ffff::808:808",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(is_forbidden_ip(ip.parse().unwrap()), "{ip} must be refused");
         }
@@ -161,6 +195,8 @@ mod tests {
             "8.8.8.8",
             "2606:4700::1111",
             "64:ff9b::808:808",
+            "2002:808:808::1",
+            "::808:808",
         ] {
             assert!(
                 !is_forbidden_ip(ip.parse().unwrap()),

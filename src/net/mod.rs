@@ -20,13 +20,18 @@ pub use hosts::{HostPattern, HostPatternError};
 /// The `User-Agent` of every request the worker makes.
 pub const USER_AGENT: &str = concat!("kling-archiver/", env!("CARGO_PKG_VERSION"));
 
-/// A client builder with the worker's user agent and the given timeouts.
-/// Callers add their redirect policy and resolver.
+/// A client builder with the worker's user agent and the given timeouts,
+/// deaf to `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY`: reqwest honours
+/// those by default, and a proxy would fetch job-named URLs for us behind
+/// the address guard's back (it only ever sees the proxy's name). The
+/// Kling API client may add an explicit proxy (`KLING_PROXY`). Callers add
+/// their redirect policy and resolver.
 pub fn client_builder(connect_timeout: Duration, timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(connect_timeout)
         .timeout(timeout)
+        .no_proxy()
 }
 
 /// A redirect policy that follows at most `max` hops and runs `check` on

@@ -249,6 +249,8 @@ impl TestEnv {
             },
             "--result-hosts",
             &self.sim.result_host(),
+            "--source-s3-buckets",
+            &self.bucket,
             "--s3-force-path-style",
             "--shutdown-timeout-secs",
             "10",
@@ -474,6 +476,7 @@ pub fn worker_binary(env: &TestEnv) -> std::process::Command {
         .env("KLING_SECRET_KEY", KLING_SK)
         .env("KLING_RESULT_HOSTS", env.sim.result_host())
         .env("ARCHIVE_URL", format!("s3://{}/bin", env.bucket))
+        .env("SOURCE_S3_BUCKETS", &env.bucket)
         .env("S3_FORCE_PATH_STYLE", "true")
         .env("AWS_ENDPOINT_URL", &env.s3.endpoint)
         .env("AWS_ACCESS_KEY_ID", S3_AK)
