@@ -110,7 +110,10 @@ fn describe() {
         "Expired leases taken over from another worker"
     );
     describe_gauge!(BUILD_INFO, "1, labelled with the version and JPEG SIMD");
-    // Exported at 0 from start-up, so alerts on their increase see the first.
+    // Exported at 0 from start-up, so alerts on their increase see the first
+    // (a series born at 1 is invisible to increase()). The cost alert divides
+    // billed calls by archived jobs: both start at 0, or a fresh worker's
+    // first burst skews the ratio for an hour.
     for name in [
         KLING_AMBIGUOUS_CALLS,
         RECOGNITIONS_REUSED,
@@ -118,6 +121,10 @@ fn describe() {
         LEASE_TAKEOVERS,
     ] {
         counter!(name).increment(0);
+    }
+    counter!(KLING_CALLS, "code" => "ok").increment(0);
+    for outcome in ["archived", "already_archived"] {
+        counter!(JOBS, "outcome" => outcome, "code" => "none").increment(0);
     }
 }
 
