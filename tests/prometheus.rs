@@ -337,6 +337,7 @@ impl Prometheus {
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config).expect("config");
         let port = free_port();
+        let log = dir.path().join("prometheus.log");
         let mut cmd = tool("prometheus");
         cmd.arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
@@ -345,7 +346,7 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(std::fs::File::create(&log).expect("log file"));
         let child = Child(cmd.spawn().expect("start prometheus"));
         let p = Self {
             base: format!("http://127.0.0.1:{port}"),
@@ -353,12 +354,18 @@ impl Prometheus {
             _child: child,
             _dir: dir,
         };
-        p.until("Prometheus ready", Duration::from_secs(30), || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
             let r = p.http.get(format!("{}/-/ready", p.base)).send().await;
-            r.is_ok_and(|r| r.status().is_success()).then_some(())
-        })
-        .await;
-        p
+            if r.is_ok_and(|r| r.status().is_success()) {
+                return p;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("Prometheus not ready within 30 s:\n{said}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// GET an API path with query parameters; the `data` of a success.
