@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Backend, TestEnv, b64, jpeg};
+use common::{Backend, TestEnv, b64, free_port, jpeg};
 use serde_yaml_ng::Value;
 
 const RULES: &str = "deploy/prometheus/rules.yaml";
@@ -290,15 +290,6 @@ fn the_dashboard_is_a_grafana_dashboard_on_a_datasource_variable() {
     ] {
         assert!(titles.contains(needle), "no panel on {needle}");
     }
-}
-
-/// A loopback port nothing listens on.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child process killed when the test ends, however it ends.
