@@ -35,9 +35,15 @@ fi
 
 # Debian packages the build and the tests need, installed when missing:
 # cmake and nasm (libjpeg-turbo), Chromium (the report tests render pages
-# in a headless browser).
+# in a headless browser), prometheus and promtool (tests/prometheus.rs runs
+# the alert rules and the dashboard's queries through them).
 . tests/debian-tools.sh
-ensure_debian_tools "${build_tools[@]}" "chromium:the report tests (headless browser)"
+ensure_debian_tools "${build_tools[@]}" "chromium:the report tests (headless browser)" \
+  "prometheus:tests/prometheus.rs (a real Prometheus)" "promtool:tests/prometheus.rs (rule tests)"
+
+# RabbitMQ's own exporter (the dashboard's queue depth and two alerts read
+# its series), on loopback only: tests/prometheus.rs scrapes it.
+ensure_rabbitmq_prometheus
 
 # Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
 # logins; the tests' own connections then fail fast with a clear message.

@@ -23,7 +23,8 @@ pub const JOBS_IN_FLIGHT: &str = "kling_archiver_jobs_in_flight";
 pub const KLING_CALLS: &str = "kling_archiver_kling_calls_total";
 /// The adaptive (AIMD) limit on Kling calls in flight.
 pub const KLING_LIMIT: &str = "kling_archiver_kling_adaptive_limit";
-/// 1 while the worker is suspended, by `cause` (`account`, `outage`).
+/// 1 while the worker is suspended, by `cause` (`account`, `outage`,
+/// `archive`, `cdn`; see [`SUSPEND_CAUSES`]).
 pub const SUSPENDED: &str = "kling_archiver_suspended";
 /// Kling `final_unit_deduction`, summed, in thousandths of a unit.
 pub const COST: &str = "kling_archiver_cost_milliunits_total";
@@ -37,6 +38,18 @@ pub const ARCHIVED_BYTES: &str = "kling_archiver_archived_bytes_total";
 pub const RESULTS_EXPIRED: &str = "kling_archiver_results_expired_total";
 /// 1 while the archive answered the last reachability check.
 pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
+
+/// Kling calls that may have been billed without an answer (the request
+/// went out, then a timeout or a cut connection).
+pub const KLING_AMBIGUOUS_CALLS: &str = "kling_archiver_kling_ambiguous_calls_total";
+/// Jobs finished from a stored recognition, without a Kling call.
+pub const RECOGNITIONS_REUSED: &str = "kling_archiver_recognitions_reused_total";
+/// Times a job waited for another worker's lease on the same work.
+pub const LEASE_WAITS: &str = "kling_archiver_lease_waits_total";
+/// Expired leases of another worker taken over.
+pub const LEASE_TAKEOVERS: &str = "kling_archiver_lease_takeovers_total";
+/// 1, labelled with `version` and `jpeg_simd` (set by its owner).
+pub const BUILD_INFO: &str = "kling_archiver_build_info";
 
 const STAGE_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -82,6 +95,36 @@ fn describe() {
         Unit::Count,
         "Kling final_unit_deduction summed, in thousandths of a unit"
     );
+    describe_counter!(
+        KLING_AMBIGUOUS_CALLS,
+        "Kling calls that may have been billed without an answer"
+    );
+    describe_counter!(
+        RECOGNITIONS_REUSED,
+        "Jobs finished from a stored recognition"
+    );
+    describe_counter!(LEASE_WAITS, "Times a job waited for another worker's lease");
+    describe_counter!(
+        LEASE_TAKEOVERS,
+        "Expired leases taken over from another worker"
+    );
+    describe_gauge!(BUILD_INFO, "1, labelled with the version and JPEG SIMD");
+    // Exported at 0 from start-up, so alerts on their increase see the first
+    // (a series born at 1 is invisible to increase()). The cost alert divides
+    // billed calls by archived jobs: both start at 0, or a fresh worker's
+    // first burst skews the ratio for an hour.
+    for name in [
+        KLING_AMBIGUOUS_CALLS,
+        RECOGNITIONS_REUSED,
+        LEASE_WAITS,
+        LEASE_TAKEOVERS,
+    ] {
+        counter!(name).increment(0);
+    }
+    counter!(KLING_CALLS, "code" => "ok").increment(0);
+    for outcome in ["archived", "already_archived"] {
+        counter!(JOBS, "outcome" => outcome, "code" => "none").increment(0);
+    }
 }
 
 pub fn job(outcome: &'static str, code: &'static str) {

@@ -37,6 +37,16 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| AMQP_URL.to_owned())
 }
 
+/// A loopback port nothing listens on (for a worker's ops listener, a
+/// Prometheus).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A short random suffix for queue, bucket and prefix names.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{:08x}", fastrand::u32(..))
