@@ -26,6 +26,9 @@ pub const MAX_LABEL_KEY_LEN: usize = 64;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
 pub const MAX_LABELS_JSON_BYTES: usize = 1024;
 
+/// What no job id may contain: the archive's own file names hold it.
+pub const RESERVED_ID_PART: &str = ".kling-";
+
 /// The publisher's id for a job. The same id twice is the same job.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
@@ -54,6 +57,14 @@ impl JobId {
         if s == "." || s == ".." {
             return Err(JobError::InvalidJobId {
                 reason: "\".\" and \"..\" are not job ids".into(),
+            });
+        }
+        // The archive's own names (temporary files, metadata, the health
+        // probe) contain `.kling-`: a job id holding it would be hidden
+        // from listings, or collide with them.
+        if s.contains(RESERVED_ID_PART) {
+            return Err(JobError::InvalidJobId {
+                reason: format!("{RESERVED_ID_PART:?} is reserved for the archive's own files"),
             });
         }
         Ok(Self(s.to_owned()))
@@ -352,6 +363,21 @@ mod tests {
         assert_eq!(job.id.as_str(), "catalog-2026-11-000123");
         assert_eq!(job.source.kind(), "http");
         assert_eq!(job.labels["campaign"], "winter");
+    }
+
+    #[test]
+    fn job_ids_that_collide_with_the_archives_own_names_are_refused() {
+        for id in [
+            "a.kling-tmp-0123",
+            "x.kling-meta",
+            ".kling-archiver-health",
+            "p.kling-q",
+        ] {
+            let err = JobId::parse(id).unwrap_err();
+            assert_eq!(err.code(), "job_invalid_id", "{id}");
+            assert!(err.to_string().contains("reserved"), "{id}: {err}");
+        }
+        assert!(JobId::parse("kling-2026.batch-1").is_ok());
     }
 
     #[test]
