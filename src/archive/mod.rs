@@ -11,6 +11,7 @@
 
 pub mod download;
 pub mod layout;
+pub mod lease;
 pub mod local;
 pub mod manifest;
 pub mod s3;

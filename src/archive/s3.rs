@@ -341,3 +341,110 @@ where
         _ => StoreError::Unavailable { reason },
     }
 }
+
+/// Conditional writes for leases (`super::lease`): S3's `If-None-Match: *`
+/// and `If-Match: <etag>`. No HEAD first: the server's condition is the
+/// only check, so a server that ignores it is caught by the start-up probe.
+impl S3Store {
+    /// Create `key` only if it does not exist; its ETag, or `None` if
+    /// another writer was first.
+    pub async fn create_versioned(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+    ) -> Result<Option<String>, StoreError> {
+        let out = self
+            .small_put(key, body, meta)
+            .if_none_match("*")
+            .send()
+            .await;
+        match out {
+            Ok(o) => etag(o.e_tag()).map(Some),
+            Err(e) if lost_race(&e) => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Replace `key` only if its ETag is still `version`; the new ETag, or
+    /// `None` if it changed (or vanished) meanwhile.
+    pub async fn replace_versioned(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+        version: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let out = self
+            .small_put(key, body, meta)
+            .if_match(version)
+            .send()
+            .await;
+        match out {
+            Ok(o) => etag(o.e_tag()).map(Some),
+            Err(e) if lost_race(&e) || is_not_found(&e) => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// The body and ETag of `key`.
+    pub async fn get_versioned(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<(Bytes, String)>, StoreError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(classify(e)),
+        };
+        let version = etag(out.e_tag())?;
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                reason: e.to_string(),
+            })?;
+        Ok(Some((data.into_bytes(), version)))
+    }
+
+    fn small_put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let metadata: HashMap<String, String> = meta.stored_metadata().into_iter().collect();
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_type(meta.content_type)
+            .checksum_sha256(meta.sha256.base64())
+            .set_metadata(Some(metadata))
+            .body(ByteStream::from(body))
+    }
+}
+
+fn etag(e: Option<&str>) -> Result<String, StoreError> {
+    match e {
+        Some(e) if !e.is_empty() => Ok(e.to_owned()),
+        _ => Err(StoreError::Unavailable {
+            reason: "the S3 server returned no ETag; leases need one".into(),
+        }),
+    }
+}
+
+/// 412: the condition failed; 409: S3's `ConditionalRequestConflict`
+/// (another conditional write to the key in progress). Either way another
+/// writer won.
+fn lost_race<E, R: HttpStatus>(e: &SdkError<E, R>) -> bool {
+    matches!(http_status(e), Some(412 | 409))
+}
