@@ -498,6 +498,7 @@ impl Worker {
             events: self.events.clone(),
             stop: hold.clone(),
             fatal: fatal.clone(),
+            lost: CancellationToken::new(),
         });
         let mut gate = self.pipeline.kling().gate().subscribe();
         let mut consumer: Option<Consumer> = None;
@@ -562,6 +563,9 @@ impl Worker {
                 },
             }
         };
+        if matches!(ended, SessionEnd::Failed(_)) {
+            settler.lost.cancel();
+        }
         if matches!(ended, SessionEnd::Shutdown | SessionEnd::Fatal)
             && let Some(c) = consumer.take()
         {
@@ -780,7 +784,11 @@ async fn handle(
         // own task, aborted if this one is.
         let run = AbortOnDropHandle::new(tokio::spawn({
             let pipeline = pipeline.clone();
-            async move { pipeline.run(&job).await }.instrument(tracing::Span::current())
+            // Cancelled when this session's connection is lost: the job
+            // stops (its redelivery is someone else's); a Kling call in
+            // flight still stores its answer.
+            let stop = settler.lost.clone();
+            async move { pipeline.run_until(&job, stop).await }.instrument(tracing::Span::current())
         }));
         let result = match run.await {
             Ok(r) => r,
@@ -845,6 +853,8 @@ struct Settler {
     stop: CancellationToken,
     /// Cancelled on a fatal error: the worker takes no more jobs.
     fatal: CancellationToken,
+    /// Cancelled when this session's connection is lost.
+    lost: CancellationToken,
 }
 
 impl Settler {

@@ -52,6 +52,11 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(kling_archiver::RunError::Broker(broker::BrokerError::Fatal)) => {
                     ExitCode::from(EXIT_FATAL)
                 }
+                Err(e @ kling_archiver::RunError::UnsafeArchive { .. }) => {
+                    tracing::error!(error = %e, "refusing to start");
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "worker failed");
                     eprintln!("error: {e}");

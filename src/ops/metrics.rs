@@ -37,6 +37,18 @@ pub const STAGE_SECONDS: &str = "kling_archiver_stage_seconds";
 pub const ARCHIVED_BYTES: &str = "kling_archiver_archived_bytes_total";
 /// Stored recognitions whose result URLs had expired, recognized again.
 pub const RESULTS_EXPIRED: &str = "kling_archiver_results_expired_total";
+/// Kling calls sent without an answer coming back whole (timeout, dropped
+/// connection): perhaps billed, retried only after re-checking the record.
+pub const KLING_AMBIGUOUS: &str = "kling_archiver_kling_ambiguous_calls_total";
+/// Jobs that used a stored recognition instead of calling Kling.
+pub const RECOGNITIONS_REUSED: &str = "kling_archiver_recognitions_reused_total";
+/// Jobs that waited for another job (in this process or another worker)
+/// holding the claim on their image.
+pub const LEASE_WAITS: &str = "kling_archiver_lease_waits_total";
+/// Leases taken over from a holder that stopped renewing (died).
+pub const LEASE_TAKEOVERS: &str = "kling_archiver_lease_takeovers_total";
+/// Billed Kling answers that failed our checks (kept, never re-billed).
+pub const KLING_BAD_ANSWERS: &str = "kling_archiver_kling_bad_answers_total";
 /// 1 while the archive answered the last reachability check.
 pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
 
@@ -80,6 +92,26 @@ fn describe() {
         "Stored recognitions whose results expired, recognized again"
     );
     describe_counter!(
+        KLING_AMBIGUOUS,
+        "Kling calls sent without a whole answer back (perhaps billed)"
+    );
+    describe_counter!(
+        RECOGNITIONS_REUSED,
+        "Jobs that used a stored recognition instead of calling Kling"
+    );
+    describe_counter!(
+        LEASE_WAITS,
+        "Jobs that waited for another holder of their image's claim"
+    );
+    describe_counter!(
+        LEASE_TAKEOVERS,
+        "Leases taken over from a holder that stopped renewing"
+    );
+    describe_counter!(
+        KLING_BAD_ANSWERS,
+        "Billed Kling answers that failed our checks, kept as they came"
+    );
+    describe_counter!(
         COST,
         Unit::Count,
         "Kling final_unit_deduction summed, in thousandths of a unit"
@@ -115,6 +147,40 @@ pub fn archived_bytes(n: usize) {
 
 pub fn results_expired() {
     counter!(RESULTS_EXPIRED).increment(1);
+}
+
+pub fn kling_ambiguous() {
+    counter!(KLING_AMBIGUOUS).increment(1);
+}
+
+pub fn recognition_reused() {
+    counter!(RECOGNITIONS_REUSED).increment(1);
+}
+
+pub fn lease_wait() {
+    counter!(LEASE_WAITS).increment(1);
+}
+
+pub fn lease_takeover() {
+    counter!(LEASE_TAKEOVERS).increment(1);
+}
+
+pub fn kling_bad_answer() {
+    counter!(KLING_BAD_ANSWERS).increment(1);
+}
+
+/// Register the claim counters at zero, so `/metrics` shows them (and
+/// alerts can use them) before the first event.
+pub fn claim_counters_at_zero() {
+    for name in [
+        KLING_AMBIGUOUS,
+        RECOGNITIONS_REUSED,
+        LEASE_WAITS,
+        LEASE_TAKEOVERS,
+        KLING_BAD_ANSWERS,
+    ] {
+        counter!(name).increment(0);
+    }
 }
 
 pub fn store_reachable(ok: bool) {
