@@ -9,17 +9,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Backend, TestEnv, b64, jpeg};
+use common::{Backend, TestEnv, b64, free_port, jpeg};
 use kling_archiver::archive::ObjectKey;
-
-/// A loopback port nothing listens on (for the ops listener).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_binary_archives_with_env_config_and_drains_on_sigterm() {

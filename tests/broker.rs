@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{Backend, TestEnv, b64, jpeg};
@@ -12,41 +11,9 @@ use kling_archiver::broker::JobEvent;
 use kling_archiver::pipeline::{Hooks, Outcome};
 use tokio::time::Instant;
 
-/// `rabbitmqctl` output lines, without the banner.
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is installed with RabbitMQ");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Close, from the broker side, the worker connection consuming `queue`.
 fn kill_worker_connection(queue: &str) {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ]);
-    let needle = format!("queue {queue}");
-    let pid = list
-        .lines()
-        .find(|l| l.contains(&needle))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("no connection for {queue} in:\n{list}"))
-        .to_owned();
-    rabbitmqctl(&[
-        "close_connection",
-        &pid,
-        "test: connection killed mid-batch",
-    ]);
+    common::close_connection_matching(&format!("queue {queue}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

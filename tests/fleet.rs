@@ -13,20 +13,12 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Backend, TestEnv, b64, jpeg};
+use common::{Backend, TestEnv, b64, free_port, jpeg};
 use kling_archiver::archive::{Sha256, Store, layout};
 use kling_archiver::broker::JobEvent;
 use kling_archiver::job::JobId;
 use kling_archiver::pipeline::Hooks;
 use kling_archiver::sim::Fault;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One `worker` process, its ops port and its log file.
 struct Proc {
@@ -136,32 +128,9 @@ async fn wait_all_archived(
     }
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl is installed with RabbitMQ");
-    assert!(out.status.success(), "rabbitmqctl {args:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Close, from the broker side, the connection of the worker with `pid`.
 fn close_connection_of(pid: u32, queue: &str) {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ]);
-    let needle = format!("worker pid {pid} queue {queue}");
-    let conn = list
-        .lines()
-        .find(|l| l.contains(&needle))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("no connection {needle:?} in:\n{list}"))
-        .to_owned();
-    rabbitmqctl(&["close_connection", &conn, "test: connection closed mid-run"]);
+    common::close_connection_matching(&format!("worker pid {pid} queue {queue}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -616,3 +616,46 @@ pub fn manifest_schema_errors(manifest: &[u8]) -> Vec<String> {
         .map(|e| format!("{e} (at {})", e.instance_path()))
         .collect()
 }
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// `rabbitmqctl` output lines, without the banner.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with RabbitMQ");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Close, from the broker side, the first connection whose client
+/// properties contain `needle` (worker connections are named
+/// `kling-archiver worker pid <pid> queue <queue>`).
+pub fn close_connection_matching(needle: &str) {
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
+    let conn = list
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("no connection matching {needle:?} in:\n{list}"))
+        .to_owned();
+    rabbitmqctl(&["close_connection", &conn, "test: connection closed mid-run"]);
+}
