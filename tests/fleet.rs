@@ -67,11 +67,11 @@ impl Proc {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
-    fn sigterm(&mut self) {
+    fn sigterm(&mut self) -> Option<i32> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let _ = self.child.wait();
+        self.child.wait().ok().and_then(|s| s.code())
     }
 }
 
@@ -346,5 +346,47 @@ async fn a_billed_but_broken_answer_is_kept_and_never_paid_for_again() {
         }
     }
     w.stop().await;
+    env.cleanup().await;
+}
+
+/// SIGTERM while a Kling call is open past the shutdown timeout: the job
+/// is aborted, its call is not. The billed answer is stored before the
+/// process exits, and the next worker archives the job without a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_never_throws_away_a_call_between_its_answer_and_its_record() {
+    let env = TestEnv::new(Backend::S3).await;
+    env.sim.set_latency(Duration::from_secs(3));
+    let img = jpeg(420, 380);
+    let sha = Sha256::of(&img);
+    env.publish_json(serde_json::json!({"job_id": "term-1", "image_base64": b64(&img)}))
+        .await;
+    let mut w = Proc::start(&env, &[("SHUTDOWN_TIMEOUT_SECS", "1")]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.sim.stats().billed_calls == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Billed, answer 3 s away, shutdown timeout 1 s.
+    assert_eq!(w.sigterm(), Some(0), "a clean stop:\n{}", w.logs());
+    let store = bin_store(&env);
+    assert!(
+        store
+            .get(&layout::recognition(&sha))
+            .await
+            .unwrap()
+            .is_some(),
+        "the billed answer was stored before exit:\n{}",
+        w.logs()
+    );
+    let next = Proc::start(&env, &[]);
+    let ids = BTreeSet::from(["term-1".to_owned()]);
+    wait_all_archived(
+        &store,
+        &ids,
+        Duration::from_secs(60),
+        std::slice::from_ref(&next),
+    )
+    .await;
+    assert_eq!(env.sim.stats().billed_calls, 1, "never paid twice");
     env.cleanup().await;
 }
