@@ -331,12 +331,11 @@ impl Worker {
     /// - While the Kling gate is closed (account refused, outage) the
     ///   consumer is cancelled and messages go back to the queue uncharged;
     ///   it consumes again when the gate reopens.
-    /// - When the connection or a channel is lost, in-flight jobs finish
-    ///   (their acks are dropped with the dead channel and the broker
-    ///   redelivers their messages, which then find the manifest), and the
-    ///   worker reconnects with backoff. Consuming resumes only after those
-    ///   jobs are done, so a redelivered copy never races its original to a
-    ///   second billed Kling call.
+    /// - When the connection or a channel is lost, in-flight jobs stop
+    ///   (`Settler::lost`: their acks would die with the channel, and the
+    ///   broker redelivers their messages); a Kling call in flight still
+    ///   stores its answer, which the redelivered copy finds through the
+    ///   image's claim. The worker reconnects with backoff once they ended.
     /// - The first connection failing is an error (a wrong `AMQP_URL` should
     ///   fail loudly); later ones are retried until shutdown.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BrokerError> {

@@ -187,6 +187,11 @@ impl S3Store {
     }
 
     pub async fn get(&self, key: &ObjectKey) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.fetch(key).await?.map(|(body, _)| body))
+    }
+
+    /// The object's bytes and ETag (`None`: no such key).
+    async fn fetch(&self, key: &ObjectKey) -> Result<Option<(Bytes, Option<String>)>, StoreError> {
         let out = match self
             .client
             .get_object()
@@ -199,6 +204,7 @@ impl S3Store {
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(classify(e)),
         };
+        let etag = out.e_tag().map(str::to_owned);
         let data = out
             .body
             .collect()
@@ -206,7 +212,7 @@ impl S3Store {
             .map_err(|e| StoreError::Unavailable {
                 reason: e.to_string(),
             })?;
-        Ok(Some(data.into_bytes()))
+        Ok(Some((data.into_bytes(), etag)))
     }
 
     pub async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectInfo>, StoreError> {
@@ -392,27 +398,10 @@ impl S3Store {
         &self,
         key: &ObjectKey,
     ) -> Result<Option<(Bytes, String)>, StoreError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(classify(e)),
-        };
-        let version = etag(out.e_tag())?;
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unavailable {
-                reason: e.to_string(),
-            })?;
-        Ok(Some((data.into_bytes(), version)))
+        match self.fetch(key).await? {
+            Some((body, e)) => Ok(Some((body, etag(e.as_deref())?))),
+            None => Ok(None),
+        }
     }
 
     fn small_put(

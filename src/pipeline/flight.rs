@@ -76,6 +76,7 @@ impl Pipeline {
             record_key: key,
             job: job.clone(),
             prepared_sha: p.prepared_sha,
+            stale: stale.map(str::to_owned),
         };
         let task = self
             .calls
@@ -117,6 +118,9 @@ pub(super) struct Flight {
     pub record_key: ObjectKey,
     pub job: Job,
     pub prepared_sha: Sha256,
+    /// A stored answer with this request id does not count (its results
+    /// expired; this flight replaces it).
+    pub stale: Option<String>,
 }
 
 impl Flight {
@@ -126,7 +130,15 @@ impl Flight {
         image_b64: String,
     ) -> Result<RecognitionRecord, PipelineError> {
         let Held { mut lease, flight } = held;
-        let recorded = || async { matches!(self.store.head(&self.record_key).await, Ok(Some(_))) };
+        // After an ambiguous call: did another holder store a (fresh) answer?
+        let recorded = || async {
+            match self.store.get(&self.record_key).await {
+                Ok(Some(b)) => serde_json::from_slice::<RecognitionRecord>(&b).is_ok_and(|r| {
+                    Some(r.recognition.request_id.as_str()) != self.stale.as_deref()
+                }),
+                _ => false,
+            }
+        };
         let answer = self
             .once
             .renewing(
