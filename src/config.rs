@@ -320,6 +320,24 @@ pub struct WorkerArgs {
     /// messages are left unacked for redelivery.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 60)]
     pub shutdown_timeout_secs: u64,
+
+    /// Seconds a claim on an image (the lease that makes one worker of the
+    /// fleet pay for it) outlives its holder's last renewal; renewed every
+    /// third of it. A dead holder's claim is taken over after this.
+    #[arg(long, env = "LEASE_TTL_SECS", default_value_t = 60)]
+    pub lease_ttl_secs: u64,
+
+    /// Seconds a job may run before it is handed back to the retry queue
+    /// (a Kling call in flight still stores its answer). Keep it under
+    /// RabbitMQ's `consumer_timeout` (default 30 min).
+    #[arg(long, env = "JOB_DEADLINE_SECS", default_value_t = 1500)]
+    pub job_deadline_secs: u64,
+
+    /// Start even though the archive ignores `If-None-Match` (the start-up
+    /// probe failed). Leases and create-if-absent then do not hold across
+    /// workers: duplicate Kling bills become possible. Run one worker only.
+    #[arg(long, env = "ARCHIVE_UNSAFE_CONDITIONAL_WRITES", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_unsafe_conditional_writes: bool,
 }
 
 /// Validated configuration of a consuming worker.
@@ -344,6 +362,9 @@ pub struct Config {
     pub pixel_budget: u64,
     pub share_recognitions: bool,
     pub shutdown_timeout: Duration,
+    pub lease_ttl: Duration,
+    pub job_deadline: Duration,
+    pub allow_unsafe_conditional_writes: bool,
     /// Where `/metrics`, `/healthz`, `/readyz` listen; `None` when `off`.
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -602,6 +623,22 @@ impl WorkerArgs {
                 )
             })?),
         };
+        if self.lease_ttl_secs == 0 {
+            return Err(invalid("LEASE_TTL_SECS", "must be at least 1".into()));
+        }
+        let lease_ttl = Duration::from_secs(self.lease_ttl_secs);
+        // A job must outlive its own Kling budget plus a claim's wait.
+        let floor = self.kling_job_deadline_secs + 2 * self.lease_ttl_secs;
+        if self.job_deadline_secs <= floor {
+            return Err(invalid(
+                "JOB_DEADLINE_SECS",
+                format!(
+                    "{} s leaves no room: it must exceed KLING_JOB_DEADLINE_SECS + 2 x LEASE_TTL_SECS = {floor} s",
+                    self.job_deadline_secs
+                ),
+            ));
+        }
+        let job_deadline = Duration::from_secs(self.job_deadline_secs);
         Ok(Config {
             amqp_url: self.amqp_url,
             queue: self.queue,
@@ -647,6 +684,9 @@ impl WorkerArgs {
             pixel_budget,
             share_recognitions: self.share_recognitions,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            lease_ttl,
+            job_deadline,
+            allow_unsafe_conditional_writes: self.allow_unsafe_conditional_writes,
             http_addr,
         })
     }

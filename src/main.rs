@@ -107,6 +107,10 @@ async fn consume(args: WorkerArgs, shutdown: CancellationToken) -> Result<(), Fa
         Ok(()) => Ok(()),
         Err(RunError::Broker(BrokerError::Fatal)) => Err(Failure::Fatal),
         Err(RunError::Build(e @ BuildError::ResultHosts(_))) => Err(Failure::config(e)),
+        Err(e @ RunError::UnsafeArchive { .. }) => {
+            tracing::error!(error = %e, "refusing to start");
+            Err(Failure::config(e))
+        }
         Err(e) => {
             tracing::error!(error = %e, "worker failed");
             Err(Failure::failed(e))

@@ -68,6 +68,10 @@ pub struct Manifest {
     pub source: SourceImage,
     pub prepared: PreparedImage,
     pub segments: Vec<SegmentEntry>,
+    /// What in Kling's billed answer as a whole could not be read (see
+    /// `docs/reliability.md`); the job is archived with what could.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub problem: Option<String>,
     /// True when this job reused an earlier recognition of the same prepared
     /// image (a redelivery, or the same image under another job id) instead
     /// of paying for a new call.
@@ -128,6 +132,10 @@ pub struct SegmentEntry {
     pub width: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub height: Option<u32>,
+    /// Why a contained segment was not archived (Kling's answer for it
+    /// does not parse); the raw answer is in the recognition record.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

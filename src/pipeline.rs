@@ -20,22 +20,36 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, StoreError, layout};
+use crate::archive::lease::{Holder, Leases};
+use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, layout};
 use crate::download::{DownloadError, ResultDownloader};
-use crate::error::{Classify, Disposition};
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::Fetcher;
 use crate::job::{Job, JobId, labels_metadata_value};
-use crate::kling::{KlingClient, KlingError, Recognition, SegmentResult};
+use crate::kling::{KlingClient, Recognition, SegmentResult};
 use crate::manifest::{
     Manifest, PreparedImage, RecognitionRecord, ResultEvent, SCHEMA_VERSION, SegmentEntry,
     SourceImage, WorkerInfo, now_rfc3339,
 };
-use crate::prepare::{self, Limits, PrepareError, Prepared, Spec};
+use crate::prepare::{self, Limits, Prepared, Spec};
+
+mod error;
+mod flight;
+mod once;
+
+pub use error::PipelineError;
+use once::Once;
+
+/// Default lease TTL (`LEASE_TTL_SECS`).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
+/// Default per-job deadline (`JOB_DEADLINE_SECS`): under RabbitMQ's
+/// default `consumer_timeout` of 30 min.
+pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(25 * 60);
 
 /// Segment downloads in flight per job.
 const SEGMENT_PARALLELISM: usize = 4;
@@ -78,7 +92,7 @@ impl Outcome {
 /// Everything a job needs; shared by all jobs of a worker.
 pub struct Pipeline {
     fetcher: Fetcher,
-    kling: KlingClient,
+    kling: Arc<KlingClient>,
     store: Store,
     downloader: ResultDownloader,
     spec: Spec,
@@ -90,6 +104,13 @@ pub struct Pipeline {
     /// Reuse a recognition of the same prepared image made for another job
     /// (one billed call per distinct image). Off: one call per job.
     share_recognitions: bool,
+    /// The fleet-wide claim on each recognition key.
+    once: Arc<Once>,
+    /// Billed calls in flight, each its own task (see [`flight`]).
+    calls: TaskTracker,
+    /// Cancelled when the worker drains: no new Kling call starts.
+    draining: CancellationToken,
+    job_deadline: Duration,
 }
 
 impl Pipeline {
@@ -105,9 +126,14 @@ impl Pipeline {
         let pixel_permits = u32::try_from(pixel_budget.div_ceil(1_000_000))
             .unwrap_or(u32::MAX)
             .max(1);
+        let once = Arc::new(Once::new(Leases::new(
+            store.clone(),
+            DEFAULT_LEASE_TTL,
+            Holder::current(),
+        )));
         Self {
             fetcher,
-            kling,
+            kling: Arc::new(kling),
             store,
             downloader,
             spec: Spec::KLING,
@@ -117,6 +143,49 @@ impl Pipeline {
             pixel_permits,
             hooks: Hooks::default(),
             share_recognitions: true,
+            once,
+            calls: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            job_deadline: DEFAULT_JOB_DEADLINE,
+        }
+    }
+
+    /// See `LEASE_TTL_SECS`: how long a claim outlives its holder's last
+    /// renewal.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.once = Arc::new(Once::new(Leases::new(
+            self.store.clone(),
+            ttl,
+            Holder::current(),
+        )));
+        self
+    }
+
+    /// See `JOB_DEADLINE_SECS`.
+    pub fn with_job_deadline(mut self, deadline: Duration) -> Self {
+        self.job_deadline = deadline;
+        self
+    }
+
+    /// Once `draining` is cancelled no new Kling call starts (calls in
+    /// flight finish and store their answer).
+    pub fn with_draining(mut self, draining: CancellationToken) -> Self {
+        self.draining = draining;
+        self
+    }
+
+    /// Wait (at most `within`) for billed calls in flight to store their
+    /// answers. Called once the broker has stopped.
+    pub async fn drain_calls(&self, within: Duration) {
+        self.calls.close();
+        if tokio::time::timeout(within, self.calls.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.calls.len(),
+                "Kling calls still open at exit; their answers may be paid for again"
+            );
         }
     }
 
@@ -196,9 +265,33 @@ impl Pipeline {
         ))
     }
 
-    /// Run one job. The caller acks on `Ok`, and acts on the error's
-    /// [`Classify::disposition`] otherwise.
+    /// Run one job within the job deadline. The caller acks on `Ok`, and
+    /// acts on the error's [`Classify::disposition`] otherwise. A billed
+    /// call in flight at the deadline still stores its answer.
     pub async fn run(&self, job: &Job) -> Result<Outcome, PipelineError> {
+        match tokio::time::timeout(self.job_deadline, self.run_job(job)).await {
+            Ok(r) => r,
+            Err(_) => Err(PipelineError::JobDeadline(self.job_deadline)),
+        }
+    }
+
+    /// As [`Self::run`], stopped at once when `stop` is cancelled (the
+    /// broker lost the connection the message came on: its redelivery is
+    /// someone else's). A billed call already in flight is not stopped: it
+    /// runs on its own task and stores its answer, which the redelivered
+    /// copy finds after waiting on the claim.
+    pub async fn run_until(
+        &self,
+        job: &Job,
+        stop: CancellationToken,
+    ) -> Result<Outcome, PipelineError> {
+        tokio::select! {
+            r = self.run(job) => r,
+            () = stop.cancelled() => Err(PipelineError::Abandoned),
+        }
+    }
+
+    async fn run_job(&self, job: &Job) -> Result<Outcome, PipelineError> {
         if let Some(done) = self.already_archived(job).await? {
             tracing::info!("manifest exists; job already archived");
             return Ok(done);
@@ -225,7 +318,7 @@ impl Pipeline {
         let (source_key, prepared_key) = self.store_images(job, source, &p).await?;
 
         let timer = crate::ops::metrics::StageTimer::start("kling");
-        let (mut record, mut reused) = self.recognition(job, &p).await?;
+        let (mut record, mut reused) = self.recognition(job, &p, None).await?;
         timer.stop();
         tracing::Span::current().record("kling.request_id", record.recognition.request_id.as_str());
         let timer = crate::ops::metrics::StageTimer::start("archive");
@@ -238,8 +331,8 @@ impl Pipeline {
                     "stored recognition's results expired; recognizing again"
                 );
                 crate::ops::metrics::results_expired();
-                record = self.call_kling(job, &p).await?;
-                reused = false;
+                let stale = record.recognition.request_id.clone();
+                (record, reused) = self.recognition(job, &p, Some(&stale)).await?;
                 tracing::Span::current()
                     .record("kling.request_id", record.recognition.request_id.as_str());
                 self.archive_segments(job, &record, &p).await?
@@ -281,6 +374,7 @@ impl Pipeline {
                 key: prepared_key,
             },
             segments,
+            problem: rec.problem.clone(),
             reused_recognition: reused,
             recognized_at: record.recognized_at.clone(),
             archived_at: now_rfc3339(),
@@ -428,79 +522,6 @@ impl Pipeline {
         ))
     }
 
-    /// The stored answer for this prepared image, or a new (billed) call.
-    async fn recognition(
-        &self,
-        job: &Job,
-        p: &PreparedJob,
-    ) -> Result<(RecognitionRecord, bool), PipelineError> {
-        let key = self.recognition_key(job, &p.prepared_sha);
-        if let Some(bytes) = self.store.get(&key).await? {
-            match serde_json::from_slice::<RecognitionRecord>(&bytes) {
-                Ok(rec) if rec.prepared_sha256 == p.prepared_sha => {
-                    tracing::info!(
-                        request_id = rec.recognition.request_id,
-                        first_job = rec.job_id,
-                        "reusing stored recognition; no Kling call"
-                    );
-                    return Ok((rec, true));
-                }
-                Ok(_) => {
-                    tracing::warn!(key = %key, "recognition record is for another image; ignoring it")
-                }
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "recognition record unreadable; ignoring it")
-                }
-            }
-        }
-        Ok((self.call_kling(job, p).await?, false))
-    }
-
-    async fn call_kling(
-        &self,
-        job: &Job,
-        p: &PreparedJob,
-    ) -> Result<RecognitionRecord, PipelineError> {
-        let bytes = p.prepared.bytes.clone();
-        let b64 = self
-            .cpu_task(move || {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD.encode(&bytes)
-            })
-            .await?;
-        let recognition: Recognition = self.kling.recognize(&b64).await?;
-        drop(b64);
-        crate::ops::metrics::cost(&recognition.final_unit_deduction);
-        let record = RecognitionRecord {
-            schema_version: SCHEMA_VERSION,
-            prepared_sha256: p.prepared_sha,
-            job_id: job.id.to_string(),
-            recognized_at: now_rfc3339(),
-            recognition,
-        };
-        tracing::info!(
-            kling.request_id = record.recognition.request_id,
-            cost = record.recognition.final_unit_deduction,
-            segments = record.recognition.segments.len(),
-            "kling recognized the image"
-        );
-        // This call was billed: try hard to remember it.
-        let body =
-            Bytes::from(serde_json::to_vec_pretty(&record).map_err(PipelineError::internal)?);
-        let key = self.recognition_key(job, &p.prepared_sha);
-        let meta = PutMeta {
-            content_type: "application/json",
-            sha256: Sha256::of(&body),
-            metadata: base_metadata(job, &record.recognition),
-        };
-        (|| self.store.put(&key, body.clone(), &meta))
-            .retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(500)).with_max_times(5).with_jitter())
-            .when(|e: &StoreError| e.disposition() == Disposition::Transient)
-            .await
-            .inspect_err(|e| tracing::error!(error = %e, "could not store a billed recognition; a retry will pay again"))?;
-        Ok(record)
-    }
-
     /// Download every contained segment (skipping those already stored by
     /// an earlier attempt) and store it byte for byte.
     async fn archive_segments(
@@ -544,7 +565,10 @@ impl Pipeline {
             _ => {
                 return Ok(SegmentEntry {
                     kind: seg.kind.clone(),
-                    is_contain: false,
+                    // A contained segment we cannot download stays
+                    // contained, with the reason (Kling billed for it).
+                    is_contain: seg.is_contain && seg.problem.is_some(),
+                    problem: seg.problem.clone(),
                     key: None,
                     sha256: None,
                     bytes: None,
@@ -566,6 +590,7 @@ impl Pipeline {
                 bytes: Some(info.size),
                 width: dim("width"),
                 height: dim("height"),
+                problem: None,
             });
         }
         let png = self.downloader.download(url).await?;
@@ -599,11 +624,12 @@ impl Pipeline {
             bytes: Some(size),
             width: Some(png.width),
             height: Some(png.height),
+            problem: None,
         })
     }
 }
 
-struct PreparedJob {
+pub(crate) struct PreparedJob {
     prepared: Prepared,
     source_sha: Sha256,
     source_bytes: u64,
@@ -612,7 +638,7 @@ struct PreparedJob {
 
 /// Metadata every object of a job carries: who asked, Kling's request id
 /// (Kling support asks for it) and what the call cost.
-fn base_metadata(job: &Job, rec: &Recognition) -> BTreeMap<String, String> {
+pub(crate) fn base_metadata(job: &Job, rec: &Recognition) -> BTreeMap<String, String> {
     let mut m = BTreeMap::from([
         ("job-id".to_owned(), job.id.to_string()),
         ("request-id".to_owned(), ascii(&rec.request_id)),
@@ -638,53 +664,4 @@ fn ascii(s: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Why a job failed, from whichever stage failed it.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error(transparent)]
-    Fetch(#[from] FetchError),
-    #[error(transparent)]
-    Prepare(#[from] PrepareError),
-    #[error(transparent)]
-    Kling(#[from] KlingError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Download(#[from] DownloadError),
-    /// A bug or a panic; retried, and the delivery limit ends a poison loop.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl PipelineError {
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        PipelineError::Internal(e.to_string())
-    }
-}
-
-impl Classify for PipelineError {
-    fn disposition(&self) -> Disposition {
-        match self {
-            PipelineError::Fetch(e) => e.disposition(),
-            PipelineError::Prepare(e) => e.disposition(),
-            PipelineError::Kling(e) => e.disposition(),
-            PipelineError::Store(e) => e.disposition(),
-            PipelineError::Download(e) => e.disposition(),
-            PipelineError::Internal(_) => Disposition::Transient,
-        }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            PipelineError::Fetch(e) => e.code(),
-            PipelineError::Prepare(e) => e.code(),
-            PipelineError::Kling(e) => e.code(),
-            PipelineError::Store(e) => e.code(),
-            PipelineError::Download(e) => e.code(),
-            PipelineError::Internal(_) => "internal",
-        }
-    }
 }

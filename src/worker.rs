@@ -97,7 +97,37 @@ pub fn build_pipeline_with(
         limits,
         config.pixel_budget,
     )
-    .with_shared_recognitions(config.share_recognitions))
+    .with_shared_recognitions(config.share_recognitions)
+    .with_lease_ttl(config.lease_ttl)
+    .with_job_deadline(config.job_deadline))
+}
+
+/// Check once that the archive honours conditional creates: leases and
+/// create-if-absent manifests depend on it. Refuses to start unless the
+/// operator accepted the risk (`ARCHIVE_UNSAFE_CONDITIONAL_WRITES=true`).
+pub async fn check_conditional_writes(store: &Store, allow_unsafe: bool) -> Result<(), RunError> {
+    let honoured = match store.conditional_writes_honoured().await {
+        Ok(h) => h,
+        // An archive down at start is reported by `/readyz` (the worker
+        // runs, not ready); the check needs an answer to mean anything.
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check that the archive honours If-None-Match (archive unreachable?); starting unchecked");
+            return Ok(());
+        }
+    };
+    match (honoured, allow_unsafe) {
+        (true, _) => Ok(()),
+        (false, true) => {
+            tracing::warn!(
+                archive = store.describe(),
+                "the archive ignores If-None-Match; running anyway (ARCHIVE_UNSAFE_CONDITIONAL_WRITES=true): workers of a fleet may pay Kling twice for one image"
+            );
+            Ok(())
+        }
+        (false, false) => Err(RunError::UnsafeArchive {
+            archive: store.describe(),
+        }),
+    }
 }
 
 /// A worker: the consumer and everything that runs beside it.
@@ -214,14 +244,21 @@ fn not_ready(s: &Suspension) -> NotReady {
 /// HTTP listener (`/metrics`, `/healthz`, `/readyz`) when configured.
 pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     warn_if_local(&config);
-    let pipeline = Arc::new(build_pipeline(&config).await?);
+    let pipeline = build_pipeline(&config)
+        .await?
+        .with_draining(shutdown.clone());
+    check_conditional_writes(pipeline.store(), config.allow_unsafe_conditional_writes).await?;
+    let pipeline = Arc::new(pipeline);
     let http_addr = config.http_addr;
-    let worker = Worker::new(Arc::new(config), pipeline);
+    // The longest a billed call can still be open when the broker is done.
+    let calls_grace = config.kling.request_timeout + Duration::from_secs(10);
+    let worker = Worker::new(Arc::new(config), pipeline.clone());
     let ops_stop = CancellationToken::new();
     let mut ops_task = None;
     if let Some(addr) = http_addr {
         let metrics = ops::metrics::install();
         ops::metrics::not_suspended();
+        ops::metrics::claim_counters_at_zero();
         let (bound, task) = ops::serve(addr, worker.status(), Some(metrics), ops_stop.clone())
             .await
             .map_err(|e| RunError::Http {
@@ -232,6 +269,9 @@ pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(
         ops_task = Some(task);
     }
     let result = worker.run(shutdown).await;
+    // A call aborted with its job is still running on its own: let it
+    // store what Kling billed.
+    pipeline.drain_calls(calls_grace).await;
     ops_stop.cancel();
     if let Some(task) = ops_task {
         let _ = task.await;
@@ -260,6 +300,10 @@ pub enum RunError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(
+        "the archive {archive} ignores If-None-Match (a second conditional create of a probe key succeeded): leases and create-if-absent would not hold, and workers could pay Kling twice for one image. Use an S3 server that honours conditional writes, or accept the risk with --allow-unsafe-conditional-writes / ARCHIVE_UNSAFE_CONDITIONAL_WRITES=true (run a single worker then)"
+    )]
+    UnsafeArchive { archive: String },
     #[error("cannot listen on HTTP_ADDR {addr}: {reason}; pick a free port or set HTTP_ADDR=off")]
     Http {
         addr: std::net::SocketAddr,

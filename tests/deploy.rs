@@ -80,13 +80,21 @@ fn the_kubernetes_deployment_matches_the_binary() {
     assert_eq!(get(c, &["readinessProbe", "httpGet", "path"]), "/readyz");
     let port = c["ports"][0]["containerPort"].as_u64().unwrap();
     assert!(env["HTTP_ADDR"].ends_with(&format!(":{port}")));
-    // SIGKILL comes after the shutdown timeout, with margin.
+    // SIGKILL comes after the shutdown timeout and the longest Kling call
+    // (a call outlives its aborted job to store its billed answer), with
+    // margin.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     let shutdown: u64 = env["SHUTDOWN_TIMEOUT_SECS"].parse().unwrap();
+    let call: u64 = env
+        .get("KLING_REQUEST_TIMEOUT_SECS")
+        .map_or(120, |v| v.parse().unwrap());
     assert!(
-        grace >= shutdown + 15,
-        "grace {grace}s vs shutdown {shutdown}s"
+        grace >= shutdown + call + 10 + 15,
+        "grace {grace}s vs shutdown {shutdown}s + longest call {call}s + 10s record write"
     );
+    // The job deadline stays under RabbitMQ's default consumer_timeout.
+    let deadline: u64 = env["JOB_DEADLINE_SECS"].parse().unwrap();
+    assert!(deadline < 30 * 60, "JOB_DEADLINE_SECS {deadline}");
     // Every flag value the Deployment sets parses.
     let mut args = vec!["worker".to_owned()];
     for (k, v) in &env {

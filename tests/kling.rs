@@ -193,6 +193,8 @@ async fn every_kling_answer_decides_the_message_fate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_jobs_under_twenty_percent_faults_are_billed_once_each() {
+    // The process-wide recorder: this test reads the ambiguous-call count.
+    let metrics = kling_archiver::ops::metrics::install();
     let env = TestEnv::new(Backend::S3).await;
     env.sim.faults().set_random(
         0.2,
@@ -224,8 +226,14 @@ async fn two_hundred_jobs_under_twenty_percent_faults_are_billed_once_each() {
         .filter(|(c, _)| **c != 0)
         .map(|(_, n)| n)
         .sum();
+    let ambiguous: f64 = metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(kling_archiver::ops::metrics::KLING_AMBIGUOUS))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
     eprintln!(
-        "{jobs} jobs: {} calls, {} billed, {faults} answered with an error code, by code {:?}",
+        "{jobs} jobs: {} calls, {} billed, {faults} answered with an error code, {ambiguous} ambiguous (sent, no answer; in this test binary), by code {:?}",
         stats.recognize_calls, stats.billed_calls, stats.calls_by_code
     );
     assert_eq!(

@@ -174,6 +174,150 @@ async fn full_keys_carry_the_prefix(store: Store) {
     }
 }
 
+fn json_meta(body: &[u8]) -> PutMeta {
+    PutMeta {
+        content_type: "application/json",
+        sha256: Sha256::of(body),
+        metadata: BTreeMap::new(),
+    }
+}
+
+/// Of eight racing conditional creates of one key, exactly one wins (the
+/// S3 server is s3s-fs behind the atomic wrapper, `common::atomic_s3`).
+async fn conditional_create_has_exactly_one_winner(store: Store) {
+    for round in 0..10 {
+        let k = key(&format!("leases/race-{round}.json"));
+        let results = futures::future::join_all((0..8).map(|i| {
+            let body = Bytes::from(format!("{{\"writer\":{i}}}"));
+            let store = store.clone();
+            let k = k.clone();
+            async move {
+                store
+                    .create_versioned(&k, body.clone(), &json_meta(&body))
+                    .await
+            }
+        }))
+        .await;
+        let won: Vec<_> = results
+            .iter()
+            .filter(|r| matches!(r, Ok(Some(_))))
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+}
+
+/// `replace_versioned` is a compare-and-swap on the version token.
+async fn replace_versioned_is_compare_and_swap(store: Store) {
+    let k = key("leases/cas.json");
+    let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+    let v1 = store
+        .create_versioned(&k, b("{\"n\":1}"), &json_meta(b"{\"n\":1}"))
+        .await
+        .unwrap()
+        .expect("created");
+    let (got, v) = store.get_versioned(&k).await.unwrap().unwrap();
+    assert_eq!((got, &v), (b("{\"n\":1}"), &v1));
+    let v2 = store
+        .replace_versioned(&k, b("{\"n\":2}"), &json_meta(b"{\"n\":2}"), &v1)
+        .await
+        .unwrap()
+        .expect("the version matched");
+    assert_ne!(v1, v2);
+    let stale = store
+        .replace_versioned(&k, b("{\"n\":3}"), &json_meta(b"{\"n\":3}"), &v1)
+        .await
+        .unwrap();
+    assert_eq!(stale, None, "a stale version loses");
+    assert_eq!(store.get(&k).await.unwrap(), Some(b("{\"n\":2}")));
+    assert!(!store.delete_versioned(&k, &v1).await.unwrap());
+    assert!(store.delete_versioned(&k, &v2).await.unwrap());
+    assert_eq!(store.get(&k).await.unwrap(), None);
+    let gone = store
+        .replace_versioned(&k, b("{\"n\":4}"), &json_meta(b"{\"n\":4}"), &v2)
+        .await
+        .unwrap();
+    assert_eq!(gone, None, "no replace of a missing key");
+}
+
+/// A lease: held while live, renewed by its holder, taken over by exactly
+/// one of many takers once expired, released only by its holder.
+async fn leases_are_claimed_renewed_taken_over_once_and_released(store: Store) {
+    use kling_archiver::archive::lease::{Claim, Holder, Leases};
+    use std::time::Duration;
+    let k = key("leases/img.json");
+    let live = Leases::new(store.clone(), Duration::from_secs(60), Holder::current());
+    let Claim::Won(mut lease) = live.claim(&k, "j-1").await.unwrap() else {
+        panic!("the key was free")
+    };
+    let other = Leases::new(store.clone(), Duration::from_secs(60), Holder::current());
+    match other.claim(&k, "j-2").await.unwrap() {
+        Claim::Held(Some(b)) => assert_eq!(b.job_id, "j-1"),
+        c => panic!("a live lease is held: {c:?}"),
+    }
+    let before = lease.body.expires_at_ms;
+    assert!(live.renew(&mut lease).await.unwrap());
+    assert!(lease.body.expires_at_ms >= before);
+    assert!(live.release(lease).await.unwrap());
+    assert_eq!(live.current(&k).await.unwrap(), None);
+
+    // A holder that stops renewing (TTL zero: expired at once).
+    let dead = Leases::new(store.clone(), Duration::ZERO, Holder::current());
+    let Claim::Won(mut old) = dead.claim(&k, "j-3").await.unwrap() else {
+        panic!("the key was free again")
+    };
+    let takers: Vec<_> = (0..8)
+        .map(|_| Leases::new(store.clone(), Duration::from_secs(60), Holder::current()))
+        .collect();
+    let results = futures::future::join_all(takers.iter().map(|t| t.claim(&k, "j-4"))).await;
+    let took: Vec<_> = results
+        .iter()
+        .filter_map(|r| match r {
+            Ok(Claim::TookOver { lease, from }) => {
+                Some((lease.body.takeovers, from.job_id.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(took, vec![(1, "j-3".to_owned())], "{results:?}");
+    assert!(
+        !dead.renew(&mut old).await.unwrap(),
+        "the old holder lost it"
+    );
+    assert!(!dead.release(old).await.unwrap());
+    assert_eq!(live.current(&k).await.unwrap().unwrap().job_id, "j-4");
+
+    // What a claim costs the job that pays: create + release (read, delete),
+    // against one plain PUT of the same size, measured in this run.
+    let rounds = 20u32;
+    let body = Bytes::from_static(b"{}");
+    let t = std::time::Instant::now();
+    for i in 0..rounds {
+        let k = key(&format!("plain/{i}.json"));
+        store
+            .put(&k, body.clone(), &json_meta(&body))
+            .await
+            .unwrap();
+    }
+    let put = t.elapsed() / rounds;
+    let t = std::time::Instant::now();
+    for i in 0..rounds {
+        let k = key(&format!("leases/cost-{i}.json"));
+        let Claim::Won(lease) = live.claim(&k, "j-5").await.unwrap() else {
+            panic!("free key")
+        };
+        assert!(live.release(lease).await.unwrap());
+    }
+    let claim = t.elapsed() / rounds;
+    eprintln!(
+        "lease cost ({}): claim + release {:.2} ms = {:.1} x one PUT ({:.2} ms)",
+        store.describe(),
+        claim.as_secs_f64() * 1e3,
+        claim.as_secs_f64() / put.as_secs_f64().max(1e-9),
+        put.as_secs_f64() * 1e3
+    );
+}
+
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
         mod local_backend {
@@ -194,7 +338,36 @@ for_each_backend!(
     delete_removes_object_and_metadata,
     large_objects_round_trip,
     full_keys_carry_the_prefix,
+    conditional_create_has_exactly_one_winner,
+    replace_versioned_is_compare_and_swap,
+    leases_are_claimed_renewed_taken_over_once_and_released,
 );
+
+/// The test double the start-up probe is tested against: a server that
+/// ignores `If-None-Match` lets a second create "succeed".
+#[tokio::test]
+async fn the_ignoring_s3_server_lets_a_second_create_through() {
+    let s3 = common::start_s3_ignoring_if_none_match().await;
+    let bucket = common::unique("s");
+    common::create_bucket(&s3.client, &bucket).await;
+    let store = Store::s3(s3.client.clone(), bucket, "pfx");
+    let k = key("_probe/x.json");
+    let body = Bytes::from_static(b"{}");
+    assert!(
+        store
+            .create_versioned(&k, body.clone(), &json_meta(&body))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .create_versioned(&k, body.clone(), &json_meta(&body))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
 
 #[tokio::test]
 async fn s3_rejects_a_body_that_does_not_match_its_checksum() {

@@ -44,6 +44,16 @@ pub fn recognition(prepared: &Sha256) -> ObjectKey {
     key(format!("recognitions/{prepared}.json"))
 }
 
+/// The lease on a recognition key: `leases/<name>` for
+/// `recognitions/<name>` (see `archive::lease`).
+pub fn lease(recognition: &ObjectKey) -> ObjectKey {
+    let name = recognition
+        .as_str()
+        .strip_prefix("recognitions/")
+        .unwrap_or(recognition.as_str());
+    key(format!("leases/{name}"))
+}
+
 /// The day index: `index/dt=<YYYY-MM-DD>/<job_id>.json`, one small object
 /// per job archived that day (UTC), so a downstream job lists one day's
 /// prefix instead of the whole archive.
@@ -120,6 +130,10 @@ mod tests {
         assert_eq!(
             recognition(&sha).as_str(),
             format!("recognitions/{sha}.json")
+        );
+        assert_eq!(
+            lease(&recognition(&sha)).as_str(),
+            format!("leases/{sha}.json")
         );
         assert_eq!(
             segment("req-1", "face_seg", 0).as_str(),

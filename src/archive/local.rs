@@ -220,3 +220,114 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
 }
+
+/// Conditional writes for leases (`super::lease`). An object's version is
+/// the SHA-256 of its bytes. Create is a hard link (atomic against other
+/// creates); replace and delete compare and write under an exclusive
+/// `flock` on `.kling-meta/<key>.lock`, which the kernel releases if the
+/// process dies.
+impl LocalStore {
+    pub async fn create_versioned(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+    ) -> Result<Option<String>, StoreError> {
+        let version = super::Sha256::of(&body).hex();
+        match self.put(key, body, meta, true).await? {
+            Created::Yes => Ok(Some(version)),
+            Created::AlreadyExisted => Ok(None),
+        }
+    }
+
+    pub async fn get_versioned(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<(Bytes, String)>, StoreError> {
+        Ok(self.get(key).await?.map(|b| {
+            let v = super::Sha256::of(&b).hex();
+            (b, v)
+        }))
+    }
+
+    pub async fn replace_versioned(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+        version: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let path = self.path(key);
+        let lock = self.meta_path(key).with_extension("lock");
+        let version = version.to_owned();
+        let new_version = super::Sha256::of(&body).hex();
+        let meta_json = serde_json::to_vec(&MetaFile {
+            content_type: meta.content_type.to_owned(),
+            metadata: meta.stored_metadata(),
+        })
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+        let meta_path = self.meta_path(key);
+        blocking(move || {
+            let _guard = FileLock::take(&lock)?;
+            match fs::read(&path) {
+                Ok(cur) if super::Sha256::of(&cur).hex() == version => {}
+                Ok(_) => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+            write_atomic(&meta_path, &meta_json, false)?;
+            write_atomic(&path, &body, false)?;
+            Ok(Some(new_version))
+        })
+        .await
+    }
+
+    /// Delete `key` only if its version is still `version`. Its metadata
+    /// file stays: removing it could race a new create of the same key.
+    pub async fn delete_versioned(
+        &self,
+        key: &ObjectKey,
+        version: &str,
+    ) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        let lock = self.meta_path(key).with_extension("lock");
+        let version = version.to_owned();
+        blocking(move || {
+            let _guard = FileLock::take(&lock)?;
+            let same = match fs::read(&path) {
+                Ok(cur) => super::Sha256::of(&cur).hex() == version,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e.into()),
+            };
+            if same {
+                fs::remove_file(&path)?;
+            }
+            Ok(same)
+        })
+        .await
+    }
+}
+
+/// An exclusive `flock` held until dropped.
+struct FileLock(fs::File);
+
+impl FileLock {
+    fn take(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        f.lock()?;
+        Ok(Self(f))
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}

@@ -10,6 +10,7 @@
 //! beside the pipeline in `crate::manifest`).
 
 pub mod layout;
+pub mod lease;
 pub mod local;
 pub mod s3;
 

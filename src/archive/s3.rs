@@ -187,6 +187,11 @@ impl S3Store {
     }
 
     pub async fn get(&self, key: &ObjectKey) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.fetch(key).await?.map(|(body, _)| body))
+    }
+
+    /// The object's bytes and ETag (`None`: no such key).
+    async fn fetch(&self, key: &ObjectKey) -> Result<Option<(Bytes, Option<String>)>, StoreError> {
         let out = match self
             .client
             .get_object()
@@ -199,6 +204,7 @@ impl S3Store {
             Err(e) if is_not_found(&e) => return Ok(None),
             Err(e) => return Err(classify(e)),
         };
+        let etag = out.e_tag().map(str::to_owned);
         let data = out
             .body
             .collect()
@@ -206,7 +212,7 @@ impl S3Store {
             .map_err(|e| StoreError::Unavailable {
                 reason: e.to_string(),
             })?;
-        Ok(Some(data.into_bytes()))
+        Ok(Some((data.into_bytes(), etag)))
     }
 
     pub async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectInfo>, StoreError> {
@@ -340,4 +346,94 @@ where
         _ if status == Some(403) => StoreError::Denied { reason },
         _ => StoreError::Unavailable { reason },
     }
+}
+
+/// Conditional writes for leases (`super::lease`): S3's `If-None-Match: *`
+/// and `If-Match: <etag>`. No HEAD first: the server's condition is the
+/// only check, so a server that ignores it is caught by the start-up probe.
+impl S3Store {
+    /// Create `key` only if it does not exist; its ETag, or `None` if
+    /// another writer was first.
+    pub async fn create_versioned(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+    ) -> Result<Option<String>, StoreError> {
+        let out = self
+            .small_put(key, body, meta)
+            .if_none_match("*")
+            .send()
+            .await;
+        match out {
+            Ok(o) => etag(o.e_tag()).map(Some),
+            Err(e) if lost_race(&e) => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Replace `key` only if its ETag is still `version`; the new ETag, or
+    /// `None` if it changed (or vanished) meanwhile.
+    pub async fn replace_versioned(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+        version: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let out = self
+            .small_put(key, body, meta)
+            .if_match(version)
+            .send()
+            .await;
+        match out {
+            Ok(o) => etag(o.e_tag()).map(Some),
+            Err(e) if lost_race(&e) || is_not_found(&e) => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// The body and ETag of `key`.
+    pub async fn get_versioned(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<(Bytes, String)>, StoreError> {
+        match self.fetch(key).await? {
+            Some((body, e)) => Ok(Some((body, etag(e.as_deref())?))),
+            None => Ok(None),
+        }
+    }
+
+    fn small_put(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+        meta: &PutMeta,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let metadata: HashMap<String, String> = meta.stored_metadata().into_iter().collect();
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_type(meta.content_type)
+            .checksum_sha256(meta.sha256.base64())
+            .set_metadata(Some(metadata))
+            .body(ByteStream::from(body))
+    }
+}
+
+fn etag(e: Option<&str>) -> Result<String, StoreError> {
+    match e {
+        Some(e) if !e.is_empty() => Ok(e.to_owned()),
+        _ => Err(StoreError::Unavailable {
+            reason: "the S3 server returned no ETag; leases need one".into(),
+        }),
+    }
+}
+
+/// 412: the condition failed; 409: S3's `ConditionalRequestConflict`
+/// (another conditional write to the key in progress). Either way another
+/// writer won.
+fn lost_race<E, R: HttpStatus>(e: &SdkError<E, R>) -> bool {
+    matches!(http_status(e), Some(412 | 409))
 }

@@ -97,12 +97,11 @@ impl JobConsumer {
     ///
     /// - While paused, the consumer is cancelled and messages go back to
     ///   the queue uncharged; it consumes again on resume.
-    /// - When the connection or a channel is lost, in-flight jobs finish
-    ///   (their acks are dropped with the dead channel and the broker
-    ///   redelivers their messages, which then find the manifest), and the
-    ///   worker reconnects with backoff. Consuming resumes only after those
-    ///   jobs are done, so a redelivered copy never races its original to a
-    ///   second billed Kling call.
+    /// - When the connection or a channel is lost, in-flight jobs stop
+    ///   (`Settler::lost`: their acks would die with the channel, and the
+    ///   broker redelivers their messages); a Kling call in flight still
+    ///   stores its answer, which the redelivered copy finds through the
+    ///   image's claim. The worker reconnects with backoff once they ended.
     /// - The first connection failing is an error (a wrong `AMQP_URL` should
     ///   fail loudly); later ones are retried until shutdown.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BrokerError> {
@@ -242,6 +241,7 @@ impl JobConsumer {
             events: self.events.clone(),
             stop: flight.hold.clone(),
             fatal: flight.fatal.clone(),
+            lost: CancellationToken::new(),
         });
         let mut live = Live {
             ch: consume_ch,
@@ -265,6 +265,9 @@ impl JobConsumer {
             "worker started"
         );
         let ended = self.dispatch(flight, &mut live, &mut pause, &settler).await;
+        if matches!(ended, SessionEnd::Failed(_)) {
+            settler.lost.cancel();
+        }
         if matches!(ended, SessionEnd::Shutdown | SessionEnd::Fatal) {
             live.stop().await;
         }

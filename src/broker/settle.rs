@@ -90,8 +90,9 @@ async fn run_and_announce(
     pipeline: Arc<Pipeline>,
     settler: &Settler,
 ) -> Result<Outcome, PipelineError> {
+    let stop = settler.lost.clone();
     let run = AbortOnDropHandle::new(tokio::spawn(
-        async move { pipeline.run(&job).await }.instrument(tracing::Span::current()),
+        async move { pipeline.run_until(&job, stop).await }.instrument(tracing::Span::current()),
     ));
     let outcome = match run.await {
         Ok(r) => r?,
@@ -121,6 +122,10 @@ pub(crate) struct Settler {
     pub(crate) stop: CancellationToken,
     /// Cancelled on a fatal error: the worker takes no more jobs.
     pub(crate) fatal: CancellationToken,
+    /// Cancelled when this session's connection is lost: its jobs stop
+    /// (their redelivery is someone else's); a Kling call in flight still
+    /// stores its answer.
+    pub(crate) lost: CancellationToken,
 }
 
 impl Settler {

@@ -9,13 +9,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
-use bytes::Bytes;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
-
-use super::SegmentType;
+pub use super::answer::{Recognition, SegmentResult};
+use super::answer::{parse_answer, parse_retry_after};
 use super::auth::TokenCache;
 use super::codes::{KlingError, Reading};
 use super::gate::{Cause, Gate, Health};
@@ -23,6 +18,10 @@ use super::limiter::{AimdLimiter, Signal};
 use crate::config::KlingConfig;
 use crate::error::Classify;
 use crate::net::{self, error_chain};
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use secrecy::ExposeSecret;
 
 /// The longest `Retry-After` obeyed; the job deadline bounds it anyway.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -37,24 +36,6 @@ fn full_jitter(min: Duration, base: Duration, max: Duration, u: f64) -> Duration
 
 /// Largest answer we read; real answers are a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
-
-/// A successful recognition: what Kling billed and where the masks are.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Recognition {
-    pub request_id: String,
-    pub final_unit_deduction: String,
-    pub segments: Vec<SegmentResult>,
-}
-
-/// One entry of `task_result.images`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SegmentResult {
-    #[serde(rename = "type")]
-    pub kind: SegmentType,
-    pub is_contain: bool,
-    /// Present when `is_contain` is true.
-    pub url: Option<url::Url>,
-}
 
 /// The Kling API client. Cheap to share; one per process.
 pub struct KlingClient {
@@ -111,10 +92,43 @@ impl KlingClient {
     /// Recognize an image given as bare base64. Retries transient failures;
     /// returns the first permanent or fatal one, or [`KlingError::DeadlineExceeded`].
     pub async fn recognize(&self, image_base64: &str) -> Result<Recognition, KlingError> {
+        self.recognize_checked(image_base64, || async { false })
+            .await
+    }
+
+    /// As [`Self::recognize`], but before retrying an ambiguous call (sent,
+    /// no answer: perhaps billed) ask `recorded` whether the answer was
+    /// stored meanwhile; if so, stop with [`KlingError::RecordedMeanwhile`].
+    pub async fn recognize_checked<C, CF>(
+        &self,
+        image_base64: &str,
+        recorded: C,
+    ) -> Result<Recognition, KlingError>
+    where
+        C: Fn() -> CF,
+        CF: Future<Output = bool>,
+    {
         let body = Bytes::from(
             serde_json::to_vec(&serde_json::json!({ "image": image_base64 })).unwrap_or_default(),
         );
-        self.with_retries(|| self.call_once(body.clone())).await
+        let ambiguous = AtomicBool::new(false);
+        let (ambiguous, recorded, body) = (&ambiguous, &recorded, &body);
+        self.with_retries(|| async move {
+            if ambiguous.swap(false, Ordering::Relaxed) && recorded().await {
+                return Err(KlingError::RecordedMeanwhile);
+            }
+            let result = self.call_once(body.clone()).await;
+            if let Err(KlingError::Ambiguous { reason }) = &result {
+                ambiguous.store(true, Ordering::Relaxed);
+                crate::ops::metrics::kling_ambiguous();
+                tracing::warn!(
+                    reason,
+                    "kling call ambiguous: sent, no answer; it may have been billed"
+                );
+            }
+            result
+        })
+        .await
     }
 
     /// Run `call` with the retry policy: transient failures and token
@@ -147,7 +161,10 @@ impl KlingClient {
             call()
         })
         .retry(backoff)
-        .when(|e: &KlingError| matches!(e.reading(), Reading::Transient | Reading::RefreshToken))
+        .when(|e: &KlingError| {
+            !matches!(e, KlingError::RecordedMeanwhile)
+                && matches!(e.reading(), Reading::Transient | Reading::RefreshToken)
+        })
         .adjust(|e: &KlingError, base: Option<Duration>| {
             // `None` means the attempts are used up: keep it that way.
             let base = base?;
@@ -336,8 +353,15 @@ impl KlingClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| KlingError::Transport {
-                reason: error_chain(&e.without_url()),
+            .map_err(|e| {
+                // Only a failed connect proves the request never left.
+                let connect = e.is_connect();
+                let reason = error_chain(&e.without_url());
+                if connect {
+                    KlingError::Transport { reason }
+                } else {
+                    KlingError::Ambiguous { reason }
+                }
             })?;
         let http = resp.status().as_u16();
         let retry_after = resp
@@ -372,7 +396,8 @@ fn health(result: &Result<Recognition, KlingError>) -> Health {
 
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, KlingError> {
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| KlingError::Transport {
+    // The request was answered: a body cut short may be a billed answer.
+    while let Some(chunk) = resp.chunk().await.map_err(|e| KlingError::Ambiguous {
         reason: error_chain(&e.without_url()),
     })? {
         if out.len() + chunk.len() > MAX_RESPONSE_BYTES {
@@ -386,180 +411,9 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, KlingError
     Ok(out)
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    code: Option<i64>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    request_id: Option<String>,
-    #[serde(default)]
-    data: Option<Data>,
-}
-
-#[derive(Deserialize)]
-struct Data {
-    #[serde(default)]
-    final_unit_deduction: Option<serde_json::Value>,
-    task_result: Option<TaskResult>,
-}
-
-#[derive(Deserialize)]
-struct TaskResult {
-    #[serde(default)]
-    images: Vec<WireImage>,
-}
-
-#[derive(Deserialize)]
-struct WireImage {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    is_contain: bool,
-    #[serde(default)]
-    url: Option<String>,
-}
-
-/// Turn an HTTP answer into a recognition or a classified error.
-pub(crate) fn parse_answer(
-    http: u16,
-    body: &[u8],
-    retry_after: Option<Duration>,
-) -> Result<Recognition, KlingError> {
-    let bad = |reason: String| KlingError::BadResponse { http, reason };
-    let env: Envelope = match serde_json::from_slice(body) {
-        Ok(env) => env,
-        Err(e) if (200..300).contains(&http) => return Err(bad(format!("not JSON: {e}"))),
-        // A non-JSON error page: classify by status alone.
-        Err(_) => {
-            return Err(KlingError::Api {
-                http,
-                code: 0,
-                message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-                request_id: None,
-                retry_after,
-            });
-        }
-    };
-    let code = env.code.unwrap_or(-1);
-    if http != 200 || code != 0 {
-        return Err(KlingError::Api {
-            http,
-            code: u32::try_from(code).unwrap_or(u32::MAX),
-            message: env.message.unwrap_or_default(),
-            request_id: env.request_id,
-            retry_after,
-        });
-    }
-    let request_id = env
-        .request_id
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| bad("no request_id".into()))?;
-    let data = env.data.ok_or_else(|| bad("code 0 without data".into()))?;
-    let task = data
-        .task_result
-        .ok_or_else(|| bad("no data.task_result".into()))?;
-    let final_unit_deduction = match data.final_unit_deduction {
-        Some(serde_json::Value::String(s)) => s,
-        Some(serde_json::Value::Number(n)) => n.to_string(),
-        _ => String::new(),
-    };
-    let mut segments = Vec::with_capacity(task.images.len());
-    for img in task.images {
-        let kind = SegmentType::parse(&img.kind)
-            .ok_or_else(|| bad(format!("segment type {:?} is not a name", img.kind)))?;
-        let url = match img.url.as_deref().map(str::trim) {
-            Some(u) if !u.is_empty() => {
-                Some(url::Url::parse(u).map_err(|e| bad(format!("{kind} url: {e}")))?)
-            }
-            _ => None,
-        };
-        if img.is_contain && url.is_none() {
-            return Err(bad(format!("{kind} is_contain without url")));
-        }
-        segments.push(SegmentResult {
-            kind,
-            is_contain: img.is_contain,
-            url,
-        });
-    }
-    Ok(Recognition {
-        request_id,
-        final_unit_deduction,
-        segments,
-    })
-}
-
-/// `Retry-After` as delta-seconds or an HTTP date.
-pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(3600)));
-    }
-    let when =
-        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
-    let delta = when - time::OffsetDateTime::now_utc();
-    Some(Duration::from_secs(
-        delta.whole_seconds().clamp(0, 3600) as u64
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_the_documented_success_answer() {
-        let body = br#"{"code":0,"message":"SUCCEED","request_id":"r-1","data":{"final_unit_deduction":"1.5",
-            "task_result":{"images":[{"type":"object_seg","is_contain":true,"url":"https://cdn.klingai.com/a.png"},
-            {"type":"face_seg","is_contain":false,"url":""},{"type":"hair_seg","is_contain":true,"url":"https://cdn.klingai.com/h.png"}]}}}"#;
-        let r = parse_answer(200, body, None).unwrap();
-        assert_eq!(r.request_id, "r-1");
-        assert_eq!(r.final_unit_deduction, "1.5");
-        assert_eq!(r.segments.len(), 3);
-        assert!(r.segments[1].url.is_none() && !r.segments[1].is_contain);
-        assert_eq!(
-            r.segments[2].kind.as_str(),
-            "hair_seg",
-            "unknown types are kept"
-        );
-    }
-
-    #[test]
-    fn error_answers_are_classified() {
-        let e = parse_answer(
-            429,
-            br#"{"code":1101,"message":"arrears","request_id":"r"}"#,
-            None,
-        )
-        .unwrap_err();
-        assert_eq!(e.code(), "kling_1101");
-        assert_eq!(e.disposition(), crate::error::Disposition::Suspend);
-        let e = parse_answer(
-            502,
-            b"<html>bad gateway</html>",
-            Some(Duration::from_secs(3)),
-        )
-        .unwrap_err();
-        assert_eq!(e.disposition(), crate::error::Disposition::Transient);
-        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
-        let e = parse_answer(200, b"<html>", None).unwrap_err();
-        assert_eq!(e.code(), "kling_bad_response");
-        let e = parse_answer(200, br#"{"code":0,"request_id":"r"}"#, None).unwrap_err();
-        assert_eq!(e.code(), "kling_bad_response");
-        let e = parse_answer(200, br#"{"code":0,"request_id":"r","data":{"task_result":{"images":[{"type":"../x","is_contain":true,"url":"https://a/b"}]}}}"#, None).unwrap_err();
-        assert_eq!(e.code(), "kling_bad_response");
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-    }
 
     /// Backoff timing, on tokio's paused clock: the script answers each
     /// call in turn; the test sees when each call was made.
@@ -603,6 +457,8 @@ mod tests {
                 request_id: "r".into(),
                 final_unit_deduction: "1".into(),
                 segments: vec![],
+                problem: None,
+                raw: None,
             }
         }
 

@@ -98,9 +98,19 @@ pub enum KlingError {
         request_id: Option<String>,
         retry_after: Option<Duration>,
     },
-    /// No usable answer: timeout, reset connection, TLS.
+    /// No usable answer, and the request never left: connection refused,
+    /// DNS, TLS handshake.
     #[error("Kling call failed in transport: {reason}")]
     Transport { reason: String },
+    /// The request was sent but no answer came back whole (timeout, the
+    /// connection dropped): Kling may have billed it. Retried only after
+    /// the recognition record is checked again (`docs/reliability.md`).
+    #[error("Kling call ambiguous (sent, no answer; may have been billed): {reason}")]
+    Ambiguous { reason: String },
+    /// A retry after an ambiguous call found the recognition stored
+    /// meanwhile: use it, do not call.
+    #[error("the recognition was stored meanwhile; not calling Kling again")]
+    RecordedMeanwhile,
     /// An answer we cannot read (non-JSON, no `data`, bad URL).
     #[error("Kling answer unreadable (HTTP {http}): {reason}")]
     BadResponse { http: u16, reason: String },
@@ -126,6 +136,8 @@ impl KlingError {
         match self {
             KlingError::Api { http, code, .. } => read(*http, *code),
             KlingError::Transport { .. }
+            | KlingError::Ambiguous { .. }
+            | KlingError::RecordedMeanwhile
             | KlingError::BadResponse { .. }
             | KlingError::DeadlineExceeded(_) => Reading::Transient,
             KlingError::Token(_) => Reading::Fatal,
@@ -165,6 +177,8 @@ impl Classify for KlingError {
         match self {
             KlingError::Api { http, code, .. } => code_label(*http, *code),
             KlingError::Transport { .. } => "kling_transport",
+            KlingError::Ambiguous { .. } => "kling_ambiguous",
+            KlingError::RecordedMeanwhile => "kling_recorded_meanwhile",
             KlingError::BadResponse { .. } => "kling_bad_response",
             KlingError::DeadlineExceeded(_) => "kling_deadline",
             KlingError::Token(_) => "kling_token",

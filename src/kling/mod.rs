@@ -2,6 +2,7 @@
 //! answer means.
 //!
 //! - [`auth`]: the HS256 JWT, cached and re-minted before expiry.
+//! - [`answer`]: reading an answer; a billed one is never an error.
 //! - [`codes`]: the one table that maps HTTP status + service code to a
 //!   [`crate::error::Disposition`].
 //! - [`limiter`]: the adaptive (AIMD) limit on calls in flight.
@@ -12,6 +13,7 @@
 //!
 //! Knows nothing about RabbitMQ, S3 or how images are prepared.
 
+pub mod answer;
 pub mod auth;
 pub mod client;
 pub mod codes;

@@ -36,18 +36,21 @@ pub const STAGE_SECONDS: &str = "kling_archiver_stage_seconds";
 pub const ARCHIVED_BYTES: &str = "kling_archiver_archived_bytes_total";
 /// Stored recognitions whose result URLs had expired, recognized again.
 pub const RESULTS_EXPIRED: &str = "kling_archiver_results_expired_total";
+/// Kling calls sent without an answer coming back whole (timeout, dropped
+/// connection): perhaps billed, retried only after re-checking the record.
+pub const KLING_AMBIGUOUS: &str = "kling_archiver_kling_ambiguous_calls_total";
+/// Jobs that used a stored recognition instead of calling Kling.
+pub const RECOGNITIONS_REUSED: &str = "kling_archiver_recognitions_reused_total";
+/// Jobs that waited for another job (in this process or another worker)
+/// holding the claim on their image.
+pub const LEASE_WAITS: &str = "kling_archiver_lease_waits_total";
+/// Leases taken over from a holder that stopped renewing (died).
+pub const LEASE_TAKEOVERS: &str = "kling_archiver_lease_takeovers_total";
+/// Billed Kling answers that failed our checks (kept, never re-billed).
+pub const KLING_BAD_ANSWERS: &str = "kling_archiver_kling_bad_answers_total";
 /// 1 while the archive answered the last reachability check.
 pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
 
-/// Kling calls that may have been billed without an answer (the request
-/// went out, then a timeout or a cut connection).
-pub const KLING_AMBIGUOUS_CALLS: &str = "kling_archiver_kling_ambiguous_calls_total";
-/// Jobs finished from a stored recognition, without a Kling call.
-pub const RECOGNITIONS_REUSED: &str = "kling_archiver_recognitions_reused_total";
-/// Times a job waited for another worker's lease on the same work.
-pub const LEASE_WAITS: &str = "kling_archiver_lease_waits_total";
-/// Expired leases of another worker taken over.
-pub const LEASE_TAKEOVERS: &str = "kling_archiver_lease_takeovers_total";
 /// 1, labelled with `version` and `jpeg_simd` (set by its owner).
 pub const BUILD_INFO: &str = "kling_archiver_build_info";
 
@@ -91,36 +94,36 @@ fn describe() {
         "Stored recognitions whose results expired, recognized again"
     );
     describe_counter!(
-        COST,
-        Unit::Count,
-        "Kling final_unit_deduction summed, in thousandths of a unit"
-    );
-    describe_counter!(
-        KLING_AMBIGUOUS_CALLS,
-        "Kling calls that may have been billed without an answer"
+        KLING_AMBIGUOUS,
+        "Kling calls sent without a whole answer back (perhaps billed)"
     );
     describe_counter!(
         RECOGNITIONS_REUSED,
-        "Jobs finished from a stored recognition"
+        "Jobs that used a stored recognition instead of calling Kling"
     );
-    describe_counter!(LEASE_WAITS, "Times a job waited for another worker's lease");
+    describe_counter!(
+        LEASE_WAITS,
+        "Jobs that waited for another holder of their image's claim"
+    );
     describe_counter!(
         LEASE_TAKEOVERS,
-        "Expired leases taken over from another worker"
+        "Leases taken over from a holder that stopped renewing"
+    );
+    describe_counter!(
+        KLING_BAD_ANSWERS,
+        "Billed Kling answers that failed our checks, kept as they came"
+    );
+    describe_counter!(
+        COST,
+        Unit::Count,
+        "Kling final_unit_deduction summed, in thousandths of a unit"
     );
     describe_gauge!(BUILD_INFO, "1, labelled with the version and JPEG SIMD");
     // Exported at 0 from start-up, so alerts on their increase see the first
     // (a series born at 1 is invisible to increase()). The cost alert divides
     // billed calls by archived jobs: both start at 0, or a fresh worker's
     // first burst skews the ratio for an hour.
-    for name in [
-        KLING_AMBIGUOUS_CALLS,
-        RECOGNITIONS_REUSED,
-        LEASE_WAITS,
-        LEASE_TAKEOVERS,
-    ] {
-        counter!(name).increment(0);
-    }
+    claim_counters_at_zero();
     counter!(KLING_CALLS, "code" => "ok").increment(0);
     for outcome in ["archived", "already_archived"] {
         counter!(JOBS, "outcome" => outcome, "code" => "none").increment(0);
@@ -165,6 +168,40 @@ pub fn archived_bytes(n: usize) {
 
 pub fn results_expired() {
     counter!(RESULTS_EXPIRED).increment(1);
+}
+
+pub fn kling_ambiguous() {
+    counter!(KLING_AMBIGUOUS).increment(1);
+}
+
+pub fn recognition_reused() {
+    counter!(RECOGNITIONS_REUSED).increment(1);
+}
+
+pub fn lease_wait() {
+    counter!(LEASE_WAITS).increment(1);
+}
+
+pub fn lease_takeover() {
+    counter!(LEASE_TAKEOVERS).increment(1);
+}
+
+pub fn kling_bad_answer() {
+    counter!(KLING_BAD_ANSWERS).increment(1);
+}
+
+/// Register the claim counters at zero, so `/metrics` shows them (and
+/// alerts can use them) before the first event.
+pub fn claim_counters_at_zero() {
+    for name in [
+        KLING_AMBIGUOUS,
+        RECOGNITIONS_REUSED,
+        LEASE_WAITS,
+        LEASE_TAKEOVERS,
+        KLING_BAD_ANSWERS,
+    ] {
+        counter!(name).increment(0);
+    }
 }
 
 pub fn store_reachable(ok: bool) {

@@ -30,6 +30,9 @@ pub enum Fault {
     DropConnection,
     /// HTTP 200, code 0, but no `data` object.
     MissingData,
+    /// A real, billed recognition (HTTP 200, code 0, a `request_id`) whose
+    /// first contained segment has a URL that does not parse.
+    BadSegmentUrl,
 }
 
 /// The random part of a [`FaultsUpdate`].

@@ -285,6 +285,20 @@ impl Answer {
                 message: None,
                 data: DataField::Omitted,
             },
+            // Built from a real recognition in `Shared::faulty`.
+            Fault::BadSegmentUrl => Answer::code(5000),
+        }
+    }
+
+    /// Make the first contained segment's URL unparseable.
+    fn break_first_url(&mut self) {
+        if let Answer::Json {
+            data: DataField::Success(d),
+            ..
+        } = self
+            && let Some(img) = d.task_result.images.iter_mut().find(|i| i.is_contain)
+        {
+            img.url = "http://exa mple.invalid/%%broken".into();
         }
     }
 
@@ -464,7 +478,7 @@ impl Shared {
             return (Answer::code(code), None);
         }
         if let Some(fault) = self.faults.next_queued() {
-            return (Answer::fault(fault), None);
+            return (self.faulty(fault, body).await, None);
         }
         if !self.faults.admit_rate() {
             return (Answer::code(1302), None);
@@ -473,9 +487,18 @@ impl Shared {
             return (Answer::code(1303), None);
         };
         if let Some(fault) = self.faults.draw_random() {
-            return (Answer::fault(fault), Some(slot));
+            return (self.faulty(fault, body).await, Some(slot));
         }
         (self.recognize(body).await, Some(slot))
+    }
+
+    async fn faulty(&self, fault: Fault, body: Result<Bytes, BytesRejection>) -> Answer {
+        if fault == Fault::BadSegmentUrl {
+            let mut answer = self.recognize(body).await;
+            answer.break_first_url();
+            return answer;
+        }
+        Answer::fault(fault)
     }
 
     async fn recognize(&self, body: Result<Bytes, BytesRejection>) -> Answer {

@@ -24,6 +24,8 @@ use lapin::types::FieldTable;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod atomic_s3;
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const S3_AK: &str = "test-ak";
 pub const S3_SK: &str = "test-sk-0123456789";
@@ -75,9 +77,22 @@ impl Drop for S3Server {
     }
 }
 
+/// The test S3 server: s3s-fs, with conditional writes made atomic (see
+/// [`atomic_s3`]).
 pub async fn start_s3() -> S3Server {
+    start_s3_with(atomic_s3::Conditional::Atomic).await
+}
+
+/// An S3 server that ignores `If-None-Match` (as some S3-compatible
+/// servers do): every conditional create succeeds.
+pub async fn start_s3_ignoring_if_none_match() -> S3Server {
+    start_s3_with(atomic_s3::Conditional::IgnoreIfNoneMatch).await
+}
+
+async fn start_s3_with(mode: atomic_s3::Conditional) -> S3Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
+    let fs = atomic_s3::AtomicFs::new(fs, mode);
     let mut b = s3s::service::S3ServiceBuilder::new(fs);
     b.set_auth(s3s::auth::SimpleAuth::from_single(S3_AK, S3_SK));
     let service = b.build();
@@ -629,4 +644,39 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+
+/// `rabbitmqctl` output lines, without the banner.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl is installed with RabbitMQ");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Close, from the broker side, the first connection whose client
+/// properties contain `needle` (worker connections are named
+/// `kling-archiver worker pid <pid> queue <queue>`).
+pub fn close_connection_matching(needle: &str) {
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
+    let conn = list
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("no connection matching {needle:?} in:\n{list}"))
+        .to_owned();
+    rabbitmqctl(&["close_connection", &conn, "test: connection closed mid-run"]);
 }
