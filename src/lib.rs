@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod archive;
 pub mod broker;
+pub mod build_info;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -97,6 +98,7 @@ pub fn build_pipeline_with(
 /// Run a consuming worker until `shutdown` or a fatal error, with the ops
 /// HTTP listener (`/metrics`, `/healthz`, `/readyz`) when configured.
 pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    build_info::warn_if_slow();
     let pipeline = Arc::new(build_pipeline(&config).await?);
     let http_addr = config.http_addr;
     let worker = broker::Worker::new(Arc::new(config), pipeline);

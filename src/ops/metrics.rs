@@ -39,6 +39,9 @@ pub const ARCHIVED_BYTES: &str = "kling_archiver_archived_bytes_total";
 pub const RESULTS_EXPIRED: &str = "kling_archiver_results_expired_total";
 /// 1 while the archive answered the last reachability check.
 pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
+/// Always 1, labelled with the build: `version` and `jpeg_simd` (`true`,
+/// or `false` when libjpeg was built without nasm: slow preparation).
+pub const BUILD_INFO: &str = "kling_archiver_build_info";
 
 const STAGE_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -61,6 +64,7 @@ pub fn install() -> PrometheusHandle {
             // handle renders an empty page, which the caller can see.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            build_info();
             handle
         })
         .clone()
@@ -75,6 +79,10 @@ fn describe() {
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Seconds per job stage");
     describe_counter!(ARCHIVED_BYTES, Unit::Bytes, "Segment PNG bytes stored");
     describe_gauge!(STORE_REACHABLE, "1 while the archive answers");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; labels say the version and whether the JPEG codec has SIMD"
+    );
     describe_counter!(
         RESULTS_EXPIRED,
         "Stored recognitions whose results expired, recognized again"
@@ -84,6 +92,12 @@ fn describe() {
         Unit::Count,
         "Kling final_unit_deduction summed, in thousandths of a unit"
     );
+}
+
+fn build_info() {
+    use crate::build_info::{JPEG_SIMD, VERSION};
+    let simd = if JPEG_SIMD { "true" } else { "false" };
+    gauge!(BUILD_INFO, "version" => VERSION, "jpeg_simd" => simd).set(1.0);
 }
 
 pub fn job(outcome: &'static str, code: &'static str) {
