@@ -169,7 +169,7 @@ async fn open_archive(
     worker: &kling_archiver::config::WorkerArgs,
 ) -> Result<kling_archiver::archive::Store, ExitCode> {
     let target =
-        kling_archiver::archive::ArchiveTarget::parse(&worker.archive_url).map_err(|e| {
+        kling_archiver::archive::ArchiveTarget::parse(worker.archive_url()).map_err(|e| {
             eprintln!("error: ARCHIVE_URL: {e}");
             ExitCode::from(EXIT_CONFIG)
         })?;
