@@ -34,11 +34,16 @@ if command -v rabbitmqctl >/dev/null 2>&1; then
 fi
 
 # Debian packages the build and the tests need, installed when missing:
-# cmake and nasm (libjpeg-turbo), Chromium (the report tests render pages
-# in a headless browser).
+# nasm (libjpeg's SIMD code), Chromium (the report tests render pages in a
+# headless browser).
 . tests/debian-tools.sh
 ensure_debian_tools "${build_tools[@]}" "chromium:the report tests (headless browser)"
 
 # Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
 # logins; the tests' own connections then fail fast with a clear message.
 cargo test --all-targets --locked "$@"
+
+# The newcomer's path: the worker built with no cmake and no nasm on PATH
+# (its own target directory, cold the first time: a few minutes), and the
+# demo run from that build.
+bash tests/bare-build.sh
