@@ -64,10 +64,10 @@ pub enum ReportError {
     },
     /// Nothing to show: a wrong ARCHIVE_URL, or an archive not written yet.
     #[error(
-        "no manifests under {archive}{since}: nothing to report; check --archive / ARCHIVE_URL \
+        "no manifests under {archive}: nothing to report; check --archive / ARCHIVE_URL \
          (manifests are at <archive>/jobs/<job_id>/manifest.json)"
     )]
-    NoManifests { archive: String, since: String },
+    NoManifests { archive: String },
 }
 
 /// What was written.
@@ -162,14 +162,12 @@ pub async fn write(store: &Store, opts: &Options, out: &Path) -> Result<Written,
 /// The page and its summary, without writing anything.
 pub async fn render(store: &Store, opts: &Options) -> Result<(String, Summary), ReportError> {
     let mut manifests = read_manifests(store, opts).await?;
-    if manifests.is_empty() && opts.failed.is_empty() {
+    // An archive with no manifests at all is a mistake (a wrong
+    // ARCHIVE_URL, nothing archived yet); `--since` that selects none of
+    // its jobs is an answer, an empty page.
+    if manifests.is_empty() && opts.failed.is_empty() && opts.since.is_none() {
         return Err(ReportError::NoManifests {
             archive: store.describe(),
-            since: opts
-                .since
-                .as_ref()
-                .map(|d| format!(" archived since {d}"))
-                .unwrap_or_default(),
         });
     }
     // Newest first; ties by job id so the page is stable.
