@@ -305,6 +305,19 @@ fn our_rss_kb(file: &Path) -> u64 {
         .expect("rss mode prints rss_kb")
 }
 
+/// The median of [`RUNS`] timed runs of `f`.
+fn median_time(f: &dyn Fn()) -> Duration {
+    median(
+        (0..RUNS)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
 /// `codec` mode (module docs).
 fn codec_only() {
     use kling_archiver::prepare::jpeg;
@@ -313,21 +326,9 @@ fn codec_only() {
     let planes = jpeg::decode_planes(&bytes, [w, h])
         .expect("decode")
         .expect("planes");
-    let time = |f: &dyn Fn()| {
-        f();
-        median(
-            (0..RUNS)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .collect(),
-        )
-    };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let dp = time(&|| drop(jpeg::decode_planes(&bytes, [w, h])));
-    let ep = time(&|| drop(jpeg::encode_planes(&planes, 90)));
+    let dp = median_time(&|| drop(jpeg::decode_planes(&bytes, [w, h])));
+    let ep = median_time(&|| drop(jpeg::encode_planes(&planes, 90)));
     let (dr, er) = codec_split(&bytes);
     println!(
         "codec, 12 MP 4:2:0, one thread, jpeg_simd={}: decode planes {:.1} ms, encode planes (q90) {:.1} ms, decode RGB {:.1} ms, encode RGB (q90 4:2:0) {:.1} ms",
@@ -339,7 +340,7 @@ fn codec_only() {
     );
 }
 
-/// Median times to decode `bytes` to RGB (libjpeg-turbo for JPEG, `image`
+/// Median times to decode `bytes` to RGB (libjpeg for JPEG, `image`
 /// for the rest) and to encode that frame as JPEG q90 4:2:0.
 fn codec_split(bytes: &[u8]) -> (Duration, Duration) {
     let decode = || {
@@ -351,22 +352,11 @@ fn codec_split(bytes: &[u8]) -> (Duration, Duration) {
     };
     let frame = decode();
     let encode = || jpeg_420(&frame, 90);
-    let time = |f: &dyn Fn()| {
-        median(
-            (0..RUNS)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .collect(),
-        )
-    };
     (
-        time(&|| {
+        median_time(&|| {
             std::hint::black_box(decode());
         }),
-        time(&|| {
+        median_time(&|| {
             std::hint::black_box(encode());
         }),
     )
