@@ -324,6 +324,19 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_that_exits_destroys_its_handles() {
+        for _ in 0..3 {
+            std::thread::spawn(|| {
+                let jpeg = encode_rgb(&gradient(32, 32), 90).unwrap();
+                assert!(decode_rgb(&jpeg[..100], [32, 32]).is_err());
+                decode_rgb(&jpeg, [32, 32]).unwrap();
+            })
+            .join()
+            .expect("no crash in jpeg_destroy_*");
+        }
+    }
+
+    #[test]
     fn too_many_scans_are_refused() {
         let jpeg = progressive_with_scans(&encode_rgb(&gradient(64, 48), 90).unwrap(), 600);
         let err = decode_rgb(&jpeg, [64, 48]).unwrap_err();

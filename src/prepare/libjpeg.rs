@@ -289,6 +289,19 @@ impl Decoder {
     }
 }
 
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created in `new`; destroy frees all of
+        // libjpeg's memory for it (a blocking-pool thread that exits takes
+        // its handle with it).
+        let cinfo = &mut *self.cinfo;
+        let _ = guard(|| {
+            unsafe { sys::jpeg_destroy_decompress(cinfo) };
+            Ok(())
+        });
+    }
+}
+
 fn header(cinfo: &sys::jpeg_decompress_struct) -> Header {
     let mut ycbcr_sampling = None;
     if cinfo.jpeg_color_space == sys::J_COLOR_SPACE::JCS_YCbCr && cinfo.num_components == 3 {
@@ -452,6 +465,17 @@ impl Encoder {
             Ok(())
         });
         result.map(|()| std::mem::take(&mut self.dest.buf))
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        // SAFETY: as for the decoder.
+        let cinfo = &mut *self.cinfo;
+        let _ = guard(|| {
+            unsafe { sys::jpeg_destroy_compress(cinfo) };
+            Ok(())
+        });
     }
 }
 
