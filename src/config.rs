@@ -159,11 +159,18 @@ pub enum DlqAction {
     },
 }
 
+/// Where `worker demo` archives when neither `--archive` nor `--out` is given.
+pub const DEMO_ARCHIVE: &str = "./demo-archive";
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Directory the demo archives into (created; wiped of earlier demo runs).
-    #[arg(long, default_value = "./demo-archive")]
-    pub out: PathBuf,
+    /// The demo's archive: the same setting as `--archive` / `ARCHIVE_URL`
+    /// (a directory or `s3://bucket/prefix`), kept under this older name;
+    /// default ./demo-archive. It must be empty, new, or an earlier demo
+    /// archive: the demo removes only what it made there (listed in
+    /// kling-demo.json) and refuses anything else.
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub out: Option<String>,
     /// Simulated Kling latency per call, in milliseconds.
     #[arg(long, default_value_t = 150)]
     pub latency_ms: u64,
@@ -231,9 +238,10 @@ pub struct WorkerArgs {
     pub kling_proxy: Option<String>,
 
     /// Where results go: a local directory (path or file:// URL) or
-    /// `s3://bucket/prefix`.
-    #[arg(long = "archive", env = "ARCHIVE_URL", default_value = DEFAULT_ARCHIVE, global = true)]
-    pub archive_url: String,
+    /// `s3://bucket/prefix` [default: ./kling-archive; for `worker demo`:
+    /// ./demo-archive].
+    #[arg(long = "archive", env = "ARCHIVE_URL", global = true)]
+    pub archive_url: Option<String>,
 
     /// Keep archiving into a local directory on purpose (a single machine
     /// with a persistent disk). Without it, a worker on a local archive
@@ -530,6 +538,11 @@ pub fn secret_from_env(name: &'static str) -> Result<SecretString, ConfigError> 
 
 impl WorkerArgs {
     /// Validate flags into a [`Config`]. Kling keys come from the environment.
+    /// `--archive` / `ARCHIVE_URL`, or the worker's default.
+    pub fn archive_url(&self) -> &str {
+        self.archive_url.as_deref().unwrap_or(DEFAULT_ARCHIVE)
+    }
+
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let access_key = secret_from_env("KLING_ACCESS_KEY")?;
         let secret_key = secret_from_env("KLING_SECRET_KEY")?;
@@ -590,7 +603,7 @@ impl WorkerArgs {
                     .map_err(|e| invalid("KLING_PROXY", format!("{e}: give http://host:port")))?,
             ),
         };
-        let archive = ArchiveTarget::parse(&self.archive_url)
+        let archive = ArchiveTarget::parse(self.archive_url())
             .map_err(|reason| invalid("ARCHIVE_URL", reason))?;
         let result_hosts: Vec<String> = self
             .result_hosts

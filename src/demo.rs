@@ -1,8 +1,12 @@
 //! `worker demo`: the whole product in one command, with nothing but
 //! RabbitMQ running. It starts the Kling simulator in-process, archives into
-//! a local directory, publishes generated sample images to a private queue,
-//! runs the real worker on them, prints what happened, and removes its
-//! queues so nothing is left behind.
+//! `--archive` / `ARCHIVE_URL` (default `./demo-archive`; a directory or
+//! `s3://bucket/prefix`), publishes generated sample images to a private
+//! queue, runs the real worker on them, prints what happened, and removes
+//! its queues so nothing is left behind. It never deletes what it did not
+//! make (`archive.rs`).
+
+mod archive;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +20,9 @@ use lapin::options::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{ObjectKey, Store};
+use crate::archive::{ArchiveTarget, ObjectKey, Store};
 use crate::broker::JobEvent;
-use crate::config::{DemoArgs, WorkerArgs};
+use crate::config::{DEMO_ARCHIVE, DemoArgs, WorkerArgs};
 use crate::manifest::Manifest;
 use crate::pipeline::Outcome;
 use crate::sim::{SimConfig, Simulator};
@@ -119,6 +123,14 @@ fn broken_jpeg() -> Vec<u8> {
 }
 
 pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> {
+    crate::build_info::warn_if_slow();
+    let target = demo_target(&worker_args, &args)?;
+    let s3 = crate::worker::s3_client(worker_args.s3_force_path_style).await;
+    let mut claimed = archive::claim(&target, &s3).await?;
+    let target = match &claimed.dir {
+        Some(dir) => ArchiveTarget::Local(dir.clone()),
+        None => target,
+    };
     let access_key = format!("demo-ak-{:08x}", fastrand::u32(..));
     let secret_key = format!(
         "demo-sk-{:016x}{:016x}",
@@ -130,14 +142,6 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
     let sim = Simulator::start(sim_cfg)
         .await
         .context("starting the Kling simulator")?;
-
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("clearing {}", args.out.display()))?;
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let out = std::fs::canonicalize(&args.out)?;
 
     let queue = format!(
         "kling.demo.{}-{:04x}",
@@ -151,7 +155,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
     config.concurrency = 4;
     config.kling.base_url = url::Url::parse(&sim.base_url())?;
     config.kling.min_backoff = Duration::from_millis(200);
-    config.archive = crate::archive::ArchiveTarget::Local(out.clone());
+    config.archive = target;
     config.result_hosts = vec![sim.result_host()];
     config.shutdown_timeout = Duration::from_secs(10);
 
@@ -162,7 +166,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         args.latency_ms
     );
     println!("  RabbitMQ queue   {queue} (removed at the end)");
-    println!("  archive          {}", out.display());
+    println!("  archive          {}", claimed.store.describe());
     println!();
 
     let conn = crate::broker::connect(&config.amqp_url, "demo")
@@ -274,14 +278,38 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         failed,
         ..crate::report::Options::default()
     };
-    let written = crate::report::write(&store, &opts, &out.join("report.html"))
-        .await
-        .context("writing the HTML report")?;
-    println!(
-        "Report: {} (open it in a browser: sources with their masks overlaid).",
-        written.path.display()
-    );
+    match claimed.report_path() {
+        Some(path) => {
+            let written = crate::report::write(&store, &opts, &path)
+                .await
+                .context("writing the HTML report")?;
+            println!(
+                "Report: {} (open it in a browser: sources with their masks overlaid).",
+                written.path.display()
+            );
+        }
+        None => println!(
+            "Report not written: {} is not the demo's, and is left alone.",
+            archive::REPORT
+        ),
+    }
+    claimed.finish().await?;
     Ok(())
+}
+
+/// The demo's archive: `--out`, or `--archive` / `ARCHIVE_URL`, or
+/// `./demo-archive`. `--out` and `--archive` are one setting; both at once
+/// must agree.
+fn demo_target(worker: &WorkerArgs, args: &DemoArgs) -> anyhow::Result<ArchiveTarget> {
+    let url = match (&args.out, &worker.archive_url) {
+        (Some(out), Some(archive)) if out != archive => bail!(
+            "--out {out} and --archive/ARCHIVE_URL {archive} disagree; --out is the demo's \
+             older name for --archive: give one"
+        ),
+        (Some(url), _) | (None, Some(url)) => url.as_str(),
+        (None, None) => DEMO_ARCHIVE,
+    };
+    ArchiveTarget::parse(url).map_err(|e| anyhow::anyhow!("ARCHIVE_URL: {e}"))
 }
 
 async fn print_summary(
@@ -367,4 +395,45 @@ async fn manifest_detail(store: &Store, key: &str) -> Option<String> {
         d.push_str(&format!("; not found: {}", missing.join(", ")));
     }
     Some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+
+    fn target(argv: &[&str]) -> anyhow::Result<ArchiveTarget> {
+        let cli = Cli::try_parse_from(argv).expect("flags");
+        let Some(Command::Demo(demo)) = cli.command else {
+            unreachable!("a demo command line")
+        };
+        demo_target(&cli.worker, &demo)
+    }
+
+    #[test]
+    fn out_and_archive_are_one_setting() {
+        let local = |p: &str| ArchiveTarget::Local(p.into());
+        assert_eq!(target(&["worker", "demo"]).unwrap(), local(DEMO_ARCHIVE));
+        assert_eq!(
+            target(&["worker", "demo", "--out", "d"]).unwrap(),
+            local("d")
+        );
+        assert_eq!(
+            target(&["worker", "demo", "--archive", "d"]).unwrap(),
+            local("d")
+        );
+        assert_eq!(
+            target(&["worker", "--archive", "s3://bkt/demo", "demo"]).unwrap(),
+            ArchiveTarget::S3 {
+                bucket: "bkt".into(),
+                prefix: "demo".into()
+            }
+        );
+        let both = ["worker", "demo", "--out", "a", "--archive", "a"];
+        assert_eq!(target(&both).unwrap(), local("a"));
+        let clash = ["worker", "demo", "--out", "a", "--archive", "b"];
+        assert!(target(&clash).unwrap_err().to_string().contains("disagree"));
+    }
 }

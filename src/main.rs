@@ -171,7 +171,7 @@ async fn dlq(worker: &WorkerArgs, args: DlqArgs) -> Result<(), Failure> {
 
 /// The archive named by `--archive` / `ARCHIVE_URL`.
 async fn open_archive(worker: &WorkerArgs) -> Result<Store, Failure> {
-    let target = ArchiveTarget::parse(&worker.archive_url)
+    let target = ArchiveTarget::parse(worker.archive_url())
         .map_err(|e| Failure::config(format!("ARCHIVE_URL: {e}")))?;
     let s3 = kling_archiver::s3_client(worker.s3_force_path_style).await;
     Ok(Store::open(&target, &s3))

@@ -243,6 +243,7 @@ fn not_ready(s: &Suspension) -> NotReady {
 /// Run a consuming worker until `shutdown` or a fatal error, with the ops
 /// HTTP listener (`/metrics`, `/healthz`, `/readyz`) when configured.
 pub async fn run_worker(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    crate::build_info::warn_if_slow();
     warn_if_local(&config);
     let pipeline = build_pipeline(&config)
         .await?

@@ -54,6 +54,11 @@ async fn the_binary_archives_with_env_config_and_drains_on_sigterm() {
     assert_eq!((code, body.as_str()), (200, r#"{"ready":true}"#));
     let (code, metrics) = get("/metrics").await;
     assert_eq!(code, 200);
+    let build_info = format!(
+        r#"kling_archiver_build_info{{version="{}",jpeg_simd="{}"}} 1"#,
+        env!("CARGO_PKG_VERSION"),
+        kling_archiver::build_info::JPEG_SIMD
+    );
     for needle in [
         r#"kling_archiver_jobs_total{outcome="archived",code="none"} 2"#,
         r#"kling_archiver_kling_calls_total{code="ok"} 2"#,
@@ -69,6 +74,7 @@ async fn the_binary_archives_with_env_config_and_drains_on_sigterm() {
         "kling_archiver_lease_waits_total 0",
         "kling_archiver_lease_takeovers_total 0",
         "kling_archiver_kling_ambiguous_calls_total 0",
+        build_info.as_str(),
     ] {
         assert!(
             metrics.contains(needle),

@@ -2,8 +2,10 @@
 # Debian packages they need when missing, and fails (never skips) when it
 # cannot. Each argument is `command:why`; the package has the command's name.
 #
-#   cmake, nasm: build libjpeg-turbo from source (the turbojpeg crate links
-#                it statically, SIMD included), so every build needs them.
+#   nasm: the SIMD code of libjpeg (mozjpeg-sys builds it from source with
+#         the `cc` crate and links it statically). A build without nasm
+#         works but prepares JPEGs several times slower, and says so; the
+#         tests, benchmarks and fuzzing build with it. No cmake is needed.
 #   prometheus, promtool: both come with the `prometheus` package.
 ensure_debian_tools() {
   local missing=() spec cmd
@@ -31,8 +33,8 @@ ensure_debian_tools() {
   done
 }
 
-# What every build of the crate needs.
-build_tools=("cmake:building libjpeg-turbo" "nasm:libjpeg-turbo's SIMD code")
+# What a full-speed build of the crate needs.
+build_tools=("nasm:libjpeg's SIMD code")
 
 # Enable RabbitMQ's rabbitmq_prometheus plugin when its endpoint does not
 # answer, listening on 127.0.0.1:15692 only (the plugin's default is every

@@ -34,9 +34,9 @@ if command -v rabbitmqctl >/dev/null 2>&1; then
 fi
 
 # Debian packages the build and the tests need, installed when missing:
-# cmake and nasm (libjpeg-turbo), Chromium (the report tests render pages
-# in a headless browser), prometheus and promtool (tests/prometheus.rs runs
-# the alert rules and the dashboard's queries through them).
+# nasm (libjpeg's SIMD code), Chromium (the report tests render pages in a
+# headless browser), prometheus and promtool (tests/prometheus.rs runs the
+# alert rules and the dashboard's queries through them).
 . tests/debian-tools.sh
 ensure_debian_tools "${build_tools[@]}" "chromium:the report tests (headless browser)" \
   "prometheus:tests/prometheus.rs (a real Prometheus)" "promtool:tests/prometheus.rs (rule tests)"
@@ -48,3 +48,8 @@ ensure_rabbitmq_prometheus
 # Warm the broker: `rabbitmq-server -detached` returns before AMQP accepts
 # logins; the tests' own connections then fail fast with a clear message.
 cargo test --all-targets --locked "$@"
+
+# The newcomer's path: the worker built with no cmake and no nasm on PATH
+# (its own target directory, cold the first time: a few minutes), and the
+# demo run from that build.
+bash tests/bare-build.sh

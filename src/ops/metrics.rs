@@ -50,8 +50,8 @@ pub const LEASE_TAKEOVERS: &str = "kling_archiver_lease_takeovers_total";
 pub const KLING_BAD_ANSWERS: &str = "kling_archiver_kling_bad_answers_total";
 /// 1 while the archive answered the last reachability check.
 pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
-
-/// 1, labelled with `version` and `jpeg_simd` (set by its owner).
+/// Always 1, labelled with the build: `version` and `jpeg_simd` (`true`,
+/// or `false` when libjpeg was built without nasm: slow preparation).
 pub const BUILD_INFO: &str = "kling_archiver_build_info";
 
 const STAGE_BUCKETS: &[f64] = &[
@@ -75,6 +75,7 @@ pub fn install() -> PrometheusHandle {
             // handle renders an empty page, which the caller can see.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            build_info();
             handle
         })
         .clone()
@@ -89,6 +90,10 @@ fn describe() {
     describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Seconds per job stage");
     describe_counter!(ARCHIVED_BYTES, Unit::Bytes, "Segment PNG bytes stored");
     describe_gauge!(STORE_REACHABLE, "1 while the archive answers");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; labels say the version and whether the JPEG codec has SIMD"
+    );
     describe_counter!(
         RESULTS_EXPIRED,
         "Stored recognitions whose results expired, recognized again"
@@ -128,6 +133,12 @@ fn describe() {
     for outcome in ["archived", "already_archived"] {
         counter!(JOBS, "outcome" => outcome, "code" => "none").increment(0);
     }
+}
+
+fn build_info() {
+    use crate::build_info::{JPEG_SIMD, VERSION};
+    let simd = if JPEG_SIMD { "true" } else { "false" };
+    gauge!(BUILD_INFO, "version" => VERSION, "jpeg_simd" => simd).set(1.0);
 }
 
 pub fn job(outcome: &'static str, code: &'static str) {

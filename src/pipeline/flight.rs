@@ -19,11 +19,11 @@ use tracing::Instrument as _;
 
 use super::once::{Held, Once, Turn, WaitError};
 use super::{Pipeline, PipelineError, PreparedJob, base_metadata};
-use crate::manifest::{RecognitionRecord, SCHEMA_VERSION, now_rfc3339};
 use crate::archive::{ObjectKey, PutMeta, Sha256, Store, StoreError, layout};
 use crate::error::{Classify, Disposition};
 use crate::job::Job;
 use crate::kling::{KlingClient, KlingError, Recognition};
+use crate::manifest::{RecognitionRecord, SCHEMA_VERSION, now_rfc3339};
 
 impl Pipeline {
     /// The stored answer for this prepared image, or a new (billed) call

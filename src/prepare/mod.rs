@@ -18,7 +18,10 @@
 mod check;
 mod fix;
 mod geometry;
-mod jpeg;
+/// The JPEG codec; public for the benchmark and the build-info metric.
+#[doc(hidden)]
+pub mod jpeg;
+mod libjpeg;
 mod probe;
 #[cfg(test)]
 pub(crate) mod testkit;

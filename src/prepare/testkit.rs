@@ -40,10 +40,7 @@ pub fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
 /// A JPEG with 4:2:0 chroma, as phones and most cameras write
 /// (`image`'s encoder writes 4:4:4).
 pub fn jpeg_420(image: &image::RgbImage, quality: u8) -> Vec<u8> {
-    let view = super::jpeg::rgb_view(image);
-    turbojpeg::compress(view, i32::from(quality), turbojpeg::Subsamp::Sub2x2)
-        .unwrap()
-        .to_vec()
+    super::jpeg::encode_rgb(image, quality).unwrap()
 }
 
 pub use super::probe::with_exif_orientation;

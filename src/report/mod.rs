@@ -62,6 +62,12 @@ pub enum ReportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Nothing to show: a wrong ARCHIVE_URL, or an archive not written yet.
+    #[error(
+        "no manifests under {archive}: nothing to report; check --archive / ARCHIVE_URL \
+         (manifests are at <archive>/jobs/<job_id>/manifest.json)"
+    )]
+    NoManifests { archive: String },
 }
 
 /// What was written.
@@ -156,6 +162,14 @@ pub async fn write(store: &Store, opts: &Options, out: &Path) -> Result<Written,
 /// The page and its summary, without writing anything.
 pub async fn render(store: &Store, opts: &Options) -> Result<(String, Summary), ReportError> {
     let mut manifests = read_manifests(store, opts).await?;
+    // An archive with no manifests at all is a mistake (a wrong
+    // ARCHIVE_URL, nothing archived yet); `--since` that selects none of
+    // its jobs is an answer, an empty page.
+    if manifests.is_empty() && opts.failed.is_empty() && opts.since.is_none() {
+        return Err(ReportError::NoManifests {
+            archive: store.describe(),
+        });
+    }
     // Newest first; ties by job id so the page is stable.
     manifests.sort_by(|a, b| {
         b.archived_at

@@ -17,7 +17,10 @@
 //! after the job minus before).
 //!
 //! Modes: no argument runs everything; `rss <file>` prepares one file in
-//! this process and prints `rss_kb <delta>` (used by the RSS comparison).
+//! this process and prints `rss_kb <delta>` (used by the RSS comparison);
+//! `codec` times the JPEG codec alone on the 12 MP 4:2:0 phone frame
+//! (decode to planes, encode planes, decode to RGB, encode RGB) and says
+//! whether this build has SIMD: how docs/dependencies.md compares builds.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
@@ -44,6 +47,7 @@ fn main() {
         .collect();
     match args.as_slice() {
         ["rss", file] => rss_job(Path::new(file)),
+        ["codec"] => codec_only(),
         _ if benching => run_all(),
         _ => println!("the prepare benchmark runs with `bash tests/bench/prepare.sh`"),
     }
@@ -106,18 +110,8 @@ fn jpeg_q(img: &RgbImage, q: u8) -> Vec<u8> {
 }
 
 /// 4:2:0 chroma, as phones write (`image`'s encoder writes 4:4:4).
-fn jpeg_420(img: &RgbImage, q: i32) -> Vec<u8> {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let image = turbojpeg::Image {
-        pixels: img.as_raw().as_slice(),
-        width: w,
-        pitch: w * 3,
-        height: h,
-        format: turbojpeg::PixelFormat::RGB,
-    };
-    turbojpeg::compress(image, q, turbojpeg::Subsamp::Sub2x2)
-        .expect("jpeg")
-        .to_vec()
+fn jpeg_420(img: &RgbImage, q: u8) -> Vec<u8> {
+    kling_archiver::prepare::jpeg::encode_rgb(img, q).expect("jpeg")
 }
 
 struct Case {
@@ -311,35 +305,58 @@ fn our_rss_kb(file: &Path) -> u64 {
         .expect("rss mode prints rss_kb")
 }
 
-/// Median times to decode `bytes` to RGB (libjpeg-turbo for JPEG, `image`
+/// The median of [`RUNS`] timed runs of `f`.
+fn median_time(f: &dyn Fn()) -> Duration {
+    median(
+        (0..RUNS)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+/// `codec` mode (module docs).
+fn codec_only() {
+    use kling_archiver::prepare::jpeg;
+    let (w, h) = (4032, 3024);
+    let bytes = jpeg_420(&photo(w, h, 2), 92);
+    let planes = jpeg::decode_planes(&bytes, [w, h])
+        .expect("decode")
+        .expect("planes");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let dp = median_time(&|| drop(jpeg::decode_planes(&bytes, [w, h])));
+    let ep = median_time(&|| drop(jpeg::encode_planes(&planes, 90)));
+    let (dr, er) = codec_split(&bytes);
+    println!(
+        "codec, 12 MP 4:2:0, one thread, jpeg_simd={}: decode planes {:.1} ms, encode planes (q90) {:.1} ms, decode RGB {:.1} ms, encode RGB (q90 4:2:0) {:.1} ms",
+        kling_archiver::build_info::JPEG_SIMD,
+        ms(dp),
+        ms(ep),
+        ms(dr),
+        ms(er)
+    );
+}
+
+/// Median times to decode `bytes` to RGB (libjpeg for JPEG, `image`
 /// for the rest) and to encode that frame as JPEG q90 4:2:0.
 fn codec_split(bytes: &[u8]) -> (Duration, Duration) {
     let decode = || {
         if bytes.starts_with(&[0xFF, 0xD8]) {
-            let img = turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB).expect("decode");
-            RgbImage::from_raw(img.width as u32, img.height as u32, img.pixels).expect("rgb")
+            kling_archiver::prepare::jpeg::decode_rgb_any(bytes).expect("decode")
         } else {
             image::load_from_memory(bytes).expect("decode").into_rgb8()
         }
     };
     let frame = decode();
     let encode = || jpeg_420(&frame, 90);
-    let time = |f: &dyn Fn()| {
-        median(
-            (0..RUNS)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed()
-                })
-                .collect(),
-        )
-    };
     (
-        time(&|| {
+        median_time(&|| {
             std::hint::black_box(decode());
         }),
-        time(&|| {
+        median_time(&|| {
             std::hint::black_box(encode());
         }),
     )

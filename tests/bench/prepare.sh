@@ -19,6 +19,8 @@ if ! python3 -c 'import pyvips' >/dev/null 2>&1; then
 fi
 python3 -c 'import pyvips; print("libvips", pyvips.version(0), pyvips.version(1), pyvips.version(2))'
 
+# The production build: with SIMD, or no build at all.
+export KLING_REQUIRE_JPEG_SIMD=1
 # Build, then run the bench binary itself pinned to one core: libvips also
 # gets VIPS_CONCURRENCY=1 (set by the bench); ours is single-threaded.
 bin=$(cargo bench --locked --bench prepare --no-run --message-format=json \

@@ -646,7 +646,6 @@ where
     }
 }
 
-
 /// `rabbitmqctl` output lines, without the banner.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = std::process::Command::new("rabbitmqctl")
