@@ -271,6 +271,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "SHARE_RECOGNITIONS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub share_recognitions: bool,
 
+    /// For every job whose image was turned, resized or padded before
+    /// Kling saw it, also store each mask on the source's own pixel grid
+    /// (`masks/<sha256>.png`). `false`: keep only Kling's PNGs.
+    #[arg(long, env = "SOURCE_MASKS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub source_masks: bool,
+
     /// While Kling refuses the account (arrears, bad keys, …) or the
     /// circuit breaker is open, seconds between unbillable probe calls.
     #[arg(long, env = "KLING_PROBE_INTERVAL_SECS", default_value_t = 30)]
@@ -303,6 +309,8 @@ pub struct Config {
     pub limits: Limits,
     pub pixel_budget: u64,
     pub share_recognitions: bool,
+    /// See `SOURCE_MASKS`.
+    pub source_masks: bool,
     pub shutdown_timeout: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` listen; `None` when `off`.
     pub http_addr: Option<std::net::SocketAddr>,
@@ -593,6 +601,7 @@ impl WorkerArgs {
             limits,
             pixel_budget,
             share_recognitions: self.share_recognitions,
+            source_masks: self.source_masks,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             http_addr,
         })
@@ -642,6 +651,9 @@ mod tests {
             .unwrap();
         assert_eq!(cli.worker.concurrency, 32);
         assert!(cli.worker.source_allow_private);
+        assert!(cli.worker.source_masks, "aligned masks are on by default");
+        let cli = Cli::try_parse_from(["worker", "--source-masks=false"]).unwrap();
+        assert!(!cli.worker.source_masks);
     }
 
     #[test]

@@ -91,7 +91,8 @@ pub fn build_pipeline_with(
         config.limits.clone(),
         config.pixel_budget,
     )
-    .with_shared_recognitions(config.share_recognitions))
+    .with_shared_recognitions(config.share_recognitions)
+    .with_source_masks(config.source_masks))
 }
 
 /// Run a consuming worker until `shutdown` or a fatal error, with the ops

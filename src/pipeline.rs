@@ -37,6 +37,8 @@ use crate::job::{Job, JobId, labels_metadata_value};
 use crate::kling::{KlingClient, KlingError, Recognition, SegmentResult};
 use crate::prepare::{self, Limits, PrepareError, Prepared, Spec};
 
+mod align;
+
 /// Segment downloads in flight per job.
 const SEGMENT_PARALLELISM: usize = 4;
 
@@ -90,6 +92,8 @@ pub struct Pipeline {
     /// Reuse a recognition of the same prepared image made for another job
     /// (one billed call per distinct image). Off: one call per job.
     share_recognitions: bool,
+    /// Store each mask on the source's pixel grid too (`SOURCE_MASKS`).
+    source_masks: bool,
 }
 
 impl Pipeline {
@@ -117,6 +121,7 @@ impl Pipeline {
             pixel_permits,
             hooks: Hooks::default(),
             share_recognitions: true,
+            source_masks: true,
         }
     }
 
@@ -282,6 +287,7 @@ impl Pipeline {
             },
             segments,
             reused_recognition: reused,
+            source_masks: Some(self.source_masks_entry(&p)),
             recognized_at: record.recognized_at.clone(),
             archived_at: now_rfc3339(),
             worker: WorkerInfo::current(),
@@ -521,9 +527,11 @@ impl Pipeline {
                 (s, key)
             })
             .collect();
+        // Aligned masks are made one at a time per job (bounded memory).
+        let turn = tokio::sync::Mutex::new(());
         let work: Vec<_> = planned
             .into_iter()
-            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key))
+            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key, &turn))
             .collect();
         futures::stream::iter(work)
             .buffered(SEGMENT_PARALLELISM)
@@ -538,6 +546,7 @@ impl Pipeline {
         p: &PreparedJob,
         seg: &SegmentResult,
         key: ObjectKey,
+        turn: &tokio::sync::Mutex<()>,
     ) -> Result<SegmentEntry, PipelineError> {
         let url = match (&seg.url, seg.is_contain) {
             (Some(url), true) => url,
@@ -550,6 +559,7 @@ impl Pipeline {
                     bytes: None,
                     width: None,
                     height: None,
+                    aligned: None,
                 });
             }
         };
@@ -566,6 +576,9 @@ impl Pipeline {
                 bytes: Some(info.size),
                 width: dim("width"),
                 height: dim("height"),
+                aligned: self
+                    .align_segment(job, rec, p, &seg.kind, &key, None, turn)
+                    .await?,
             });
         }
         let png = self.downloader.download(url).await?;
@@ -579,6 +592,7 @@ impl Pipeline {
         metadata.insert("width".into(), png.width.to_string());
         metadata.insert("height".into(), png.height.to_string());
         let size = png.bytes.len() as u64;
+        let kling_png = png.bytes.clone();
         self.store
             .put(
                 &key,
@@ -591,6 +605,9 @@ impl Pipeline {
             )
             .await?;
         tracing::debug!(kind = %seg.kind, bytes = size, "segment archived");
+        let aligned = self
+            .align_segment(job, rec, p, &seg.kind, &key, Some(kling_png), turn)
+            .await?;
         Ok(SegmentEntry {
             kind: seg.kind.clone(),
             is_contain: true,
@@ -599,6 +616,7 @@ impl Pipeline {
             bytes: Some(size),
             width: Some(png.width),
             height: Some(png.height),
+            aligned,
         })
     }
 }
