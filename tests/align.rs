@@ -340,6 +340,33 @@ async fn passthrough_jobs_say_their_masks_already_align_and_the_switch_turns_it_
         assert!(m.segments.iter().all(|s| s.aligned.is_none()), "{m:?}");
     }
     assert!(store.list("masks/").await.unwrap().is_empty());
+
+    // An archive written before aligned masks: no `source_masks`, no
+    // `aligned`. The report still places Kling's masks through the
+    // transforms.
+    let key = ObjectKey::parse("jobs/off/manifest.json").unwrap();
+    let mut old: serde_json::Value =
+        serde_json::from_slice(&store.get(&key).await.unwrap().unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("source_masks");
+    let body = bytes::Bytes::from(serde_json::to_vec(&old).unwrap());
+    let meta = kling_archiver::archive::PutMeta {
+        content_type: "application/json",
+        sha256: Sha256::of(&body),
+        metadata: Default::default(),
+    };
+    store.put(&key, body, &meta).await.unwrap();
+    let (html, _) = kling_archiver::report::render(&store, &Default::default())
+        .await
+        .unwrap();
+    let cards = report_cards(&html);
+    let found = off.segments.iter().filter(|s| s.is_contain).count();
+    assert!(found > 0);
+    assert_eq!(cards["off"].matches("<img class=\"ov\"").count(), found);
+    assert!(
+        !cards["off"].contains("class=\"problem\""),
+        "{}",
+        cards["off"]
+    );
     w.stop().await;
     env.cleanup().await;
 }
@@ -454,4 +481,107 @@ async fn the_documented_recipes_cut_the_object_out_of_the_original() {
     assert!(centre[2] > centre[0] + 20, "{centre:?}");
     assert_eq!(obj.get_pixel(5, 5)[3], 0, "the background is cut away");
     env.cleanup().await;
+}
+
+/// The cards of a report page: job id -> the card's HTML.
+fn report_cards(html: &str) -> std::collections::BTreeMap<String, String> {
+    html.split("<article class=\"card")
+        .skip(1)
+        .filter_map(|card| {
+            let id = card.split("data-job-id=\"").nth(1)?.split('"').next()?;
+            Some((id.to_owned(), card.split("</article>").next()?.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_demo_archives_aligned_masks_and_the_report_draws_them() {
+    let out = tempfile::tempdir().unwrap();
+    let archive = out.path().join("demo-archive");
+    let worker = |args: &[&str]| {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(args)
+            .env("AMQP_URL", common::amqp_url())
+            .env("HTTP_ADDR", "off")
+            .env_remove("SOURCE_MASKS")
+            .output()
+            .expect("run worker");
+        assert!(
+            run.status.success(),
+            "worker {args:?}: {}\n{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    };
+    let dir = archive.to_str().unwrap();
+    worker(&["demo", "--out", dir, "--latency-ms", "0"]);
+
+    let mut aligned_jobs = Vec::new();
+    for sample in kling_archiver::demo::samples() {
+        let path = archive.join(format!("jobs/{}/manifest.json", sample.job_id));
+        let Ok(body) = std::fs::read(&path) else {
+            assert_eq!(
+                sample.job_id, "demo-broken",
+                "only the broken one has no manifest"
+            );
+            continue;
+        };
+        common::assert_manifest_schema(&body);
+        let m: Manifest = serde_json::from_slice(&body).unwrap();
+        let status = m.source_masks.as_ref().expect("source_masks").status;
+        let turned = m
+            .prepared
+            .transforms
+            .steps
+            .iter()
+            .any(|s| s.op() != "encode");
+        assert_eq!(
+            status,
+            if turned {
+                SourceMaskStatus::Aligned
+            } else {
+                SourceMaskStatus::AlreadyAligned
+            },
+            "{}",
+            sample.job_id
+        );
+        for seg in m.segments.iter().filter(|s| s.is_contain) {
+            assert_eq!(seg.aligned.is_some(), turned, "{}", sample.job_id);
+            if let Some(a) = &seg.aligned {
+                let mask = image::open(archive.join(&a.key)).unwrap();
+                assert_eq!(
+                    [mask.width(), mask.height()],
+                    [m.source.width, m.source.height]
+                );
+            }
+        }
+        if turned {
+            aligned_jobs.push(m);
+        }
+    }
+    let ids: Vec<&str> = aligned_jobs.iter().map(|m| m.job_id.as_str()).collect();
+    assert_eq!(ids, ["demo-thumbnail", "demo-panorama", "demo-rotated"]);
+
+    // The report draws the aligned masks: with Kling's own PNGs of those
+    // jobs gone, every found segment still has its overlay and no card
+    // reports a problem.
+    for m in &aligned_jobs {
+        for seg in m.segments.iter().filter(|s| s.is_contain) {
+            std::fs::remove_file(archive.join(seg.key.as_deref().unwrap())).unwrap();
+        }
+    }
+    let page = out.path().join("again.html");
+    worker(&["report", "--archive", dir, "--out", page.to_str().unwrap()]);
+    let cards = report_cards(&std::fs::read_to_string(&page).unwrap());
+    for m in &aligned_jobs {
+        let card = &cards[&m.job_id];
+        let found = m.segments.iter().filter(|s| s.is_contain).count();
+        assert_eq!(
+            card.matches("<img class=\"ov\"").count(),
+            found,
+            "{}",
+            m.job_id
+        );
+        assert!(!card.contains("class=\"problem\""), "{card}");
+    }
 }
