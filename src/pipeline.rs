@@ -36,9 +36,7 @@ use crate::fetch::{FetchError, Fetcher};
 use crate::job::{Job, JobId, labels_metadata_value};
 use crate::kling::{KlingClient, KlingError, Recognition, SegmentResult};
 use crate::prepare::{self, Limits, PrepareError, Prepared, Spec};
-
 mod align;
-
 /// Segment downloads in flight per job.
 const SEGMENT_PARALLELISM: usize = 4;
 
@@ -92,7 +90,6 @@ pub struct Pipeline {
     /// Reuse a recognition of the same prepared image made for another job
     /// (one billed call per distinct image). Off: one call per job.
     share_recognitions: bool,
-    /// Store each mask on the source's pixel grid too (`SOURCE_MASKS`).
     source_masks: bool,
 }
 
@@ -527,7 +524,6 @@ impl Pipeline {
                 (s, key)
             })
             .collect();
-        // Aligned masks are made one at a time per job (bounded memory).
         let turn = tokio::sync::Mutex::new(());
         let work: Vec<_> = planned
             .into_iter()
@@ -576,9 +572,7 @@ impl Pipeline {
                 bytes: Some(info.size),
                 width: dim("width"),
                 height: dim("height"),
-                aligned: self
-                    .align_segment(job, rec, p, &seg.kind, &key, None, turn)
-                    .await?,
+                aligned: self.aligned(job, rec, p, seg, &key, None, turn).await?,
             });
         }
         let png = self.downloader.download(url).await?;
@@ -592,7 +586,8 @@ impl Pipeline {
         metadata.insert("width".into(), png.width.to_string());
         metadata.insert("height".into(), png.height.to_string());
         let size = png.bytes.len() as u64;
-        let kling_png = png.bytes.clone();
+        let copy = Some(png.bytes.clone());
+        let aligned = self.aligned(job, rec, p, seg, &key, copy, turn).await?;
         self.store
             .put(
                 &key,
@@ -605,9 +600,6 @@ impl Pipeline {
             )
             .await?;
         tracing::debug!(kind = %seg.kind, bytes = size, "segment archived");
-        let aligned = self
-            .align_segment(job, rec, p, &seg.kind, &key, Some(kling_png), turn)
-            .await?;
         Ok(SegmentEntry {
             kind: seg.kind.clone(),
             is_contain: true,

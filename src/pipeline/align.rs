@@ -16,7 +16,7 @@ use crate::archive::manifest::{AlignedMaskEntry, SourceMaskStatus, SourceMasks};
 use crate::archive::{ObjectKey, PutMeta, Sha256, layout};
 use crate::error::Classify;
 use crate::job::Job;
-use crate::kling::{Recognition, SegmentType};
+use crate::kling::{Recognition, SegmentResult};
 use crate::prepare::align::{self, AlignError, AlignedMask};
 
 impl Pipeline {
@@ -44,17 +44,19 @@ impl Pipeline {
         }
     }
 
-    /// Align one archived segment (`segment` is its key; `png` its bytes
-    /// when just downloaded, else they are read back) and store the result.
-    /// `None` when the job needs no alignment or it is switched off, or when
-    /// the PNG cannot be read as a mask (logged; Kling's original stays).
+    /// The segment's mask on the source grid, stored (`segment` is the
+    /// key of Kling's PNG; `png` its bytes when just downloaded, else they
+    /// are read back). `None` when the job needs no alignment or it is
+    /// switched off, or when the PNG cannot be read as a mask (logged;
+    /// Kling's original stays). `turn` makes a job's masks wait for each
+    /// other: one at a time per job bounds its memory.
     #[allow(clippy::too_many_arguments)]
-    pub(super) async fn align_segment(
+    pub(super) async fn aligned(
         &self,
         job: &Job,
         rec: &Recognition,
         p: &PreparedJob,
-        kind: &SegmentType,
+        seg: &SegmentResult,
         segment: &ObjectKey,
         png: Option<Bytes>,
         turn: &tokio::sync::Mutex<()>,
@@ -62,6 +64,7 @@ impl Pipeline {
         if !self.source_masks || !align::needs_alignment(&p.prepared.transforms) {
             return Ok(None);
         }
+        let kind = &seg.kind;
         let _one_at_a_time = turn.lock().await;
         let png = match png {
             Some(png) => png,
