@@ -296,6 +296,23 @@ async fn aligned_masks_match_the_shape_in_the_source_pixels() {
             .collect::<Vec<_>>(),
         [(a.key.as_str(), "sha256_mismatch")]
     );
+    // A manifest whose aligned mask is not the source's size is caught.
+    let path = env.local_dir.path().join("jobs/tiny/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["segments"][0]["aligned"]["width"] = 199.into();
+    std::fs::write(&path, m.to_string()).unwrap();
+    let report = verify::run(&store, &verify::Options::default())
+        .await
+        .unwrap();
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.problem == "aligned_size_mismatch"
+                && f.detail == "199x150, the source is 200x150"),
+        "{:?}",
+        report.findings
+    );
     w.stop().await;
     env.cleanup().await;
 }
