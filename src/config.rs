@@ -314,6 +314,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "SHARE_RECOGNITIONS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub share_recognitions: bool,
 
+    /// For every job whose image was turned, resized or padded before
+    /// Kling saw it, also store each mask on the source's own pixel grid
+    /// (`masks/<sha256>.png`). `false`: keep only Kling's PNGs.
+    #[arg(long, env = "SOURCE_MASKS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub source_masks: bool,
+
     /// While Kling refuses the account (arrears, bad keys, …) or the
     /// circuit breaker is open, seconds between unbillable probe calls.
     #[arg(long, env = "KLING_PROBE_INTERVAL_SECS", default_value_t = 30)]
@@ -369,6 +375,8 @@ pub struct Config {
     pub max_image_pixels: u64,
     pub pixel_budget: u64,
     pub share_recognitions: bool,
+    /// See `SOURCE_MASKS`.
+    pub source_masks: bool,
     pub shutdown_timeout: Duration,
     pub lease_ttl: Duration,
     pub job_deadline: Duration,
@@ -696,6 +704,7 @@ impl WorkerArgs {
             max_image_pixels: self.max_image_pixels,
             pixel_budget,
             share_recognitions: self.share_recognitions,
+            source_masks: self.source_masks,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             lease_ttl,
             job_deadline,
@@ -722,6 +731,9 @@ mod tests {
         assert_eq!(cli.worker.concurrency, 32);
         assert!(cli.worker.source_allow_private);
         assert_eq!(cli.worker.retry_delays_secs, DEFAULT_RETRY_DELAYS_SECS);
+        assert!(cli.worker.source_masks, "aligned masks are on by default");
+        let cli = Cli::try_parse_from(["worker", "--source-masks=false"]).unwrap();
+        assert!(!cli.worker.source_masks);
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct Manifest {
     /// image (a redelivery, or the same image under another job id) instead
     /// of paying for a new call.
     pub reused_recognition: bool,
+    /// How the masks sit on the source's pixels (absent in archives written
+    /// before aligned masks existed).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source_masks: Option<SourceMasks>,
     /// RFC 3339, when Kling answered.
     pub recognized_at: String,
     /// RFC 3339, when this manifest was written.
@@ -136,6 +140,46 @@ pub struct SegmentEntry {
     /// does not parse); the raw answer is in the recognition record.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub problem: Option<String>,
+    /// The mask on the source's own pixel grid, when Kling's is not (see
+    /// [`SourceMasks`]).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub aligned: Option<AlignedMaskEntry>,
+}
+
+/// A segment's mask moved onto the source's stored pixel grid: an 8-bit
+/// greyscale PNG (0 outside, 255 inside) the size of the source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignedMaskEntry {
+    pub key: String,
+    pub sha256: Sha256,
+    pub bytes: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Whether a job's masks line up with the source as stored, and in which
+/// convention (`docs/s3-layout.md`, "Masks on the source").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceMasks {
+    /// `aligned`: every found segment names an `aligned` mask;
+    /// `already_aligned`: the image went to Kling with the source's own
+    /// geometry, so Kling's PNGs are on the source grid; `disabled`:
+    /// `SOURCE_MASKS=false`, only Kling's PNGs were kept.
+    pub status: SourceMaskStatus,
+    /// Always `stored`: the source's pixels as stored in its file.
+    pub grid: String,
+    /// Always false: the EXIF orientation is not applied to the grid.
+    pub exif_orientation_applied: bool,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceMaskStatus {
+    Aligned,
+    AlreadyAligned,
+    Disabled,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -51,6 +51,7 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 /// default `consumer_timeout` of 30 min.
 pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(25 * 60);
 
+mod align;
 /// Segment downloads in flight per job.
 const SEGMENT_PARALLELISM: usize = 4;
 
@@ -111,6 +112,7 @@ pub struct Pipeline {
     /// Cancelled when the worker drains: no new Kling call starts.
     draining: CancellationToken,
     job_deadline: Duration,
+    source_masks: bool,
 }
 
 impl Pipeline {
@@ -147,6 +149,7 @@ impl Pipeline {
             calls: TaskTracker::new(),
             draining: CancellationToken::new(),
             job_deadline: DEFAULT_JOB_DEADLINE,
+            source_masks: true,
         }
     }
 
@@ -376,6 +379,7 @@ impl Pipeline {
             segments,
             problem: rec.problem.clone(),
             reused_recognition: reused,
+            source_masks: Some(self.source_masks_entry(&p)),
             recognized_at: record.recognized_at.clone(),
             archived_at: now_rfc3339(),
             worker: WorkerInfo::current(),
@@ -542,9 +546,10 @@ impl Pipeline {
                 (s, key)
             })
             .collect();
+        let turn = tokio::sync::Mutex::new(());
         let work: Vec<_> = planned
             .into_iter()
-            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key))
+            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key, &turn))
             .collect();
         futures::stream::iter(work)
             .buffered(SEGMENT_PARALLELISM)
@@ -559,6 +564,7 @@ impl Pipeline {
         p: &PreparedJob,
         seg: &SegmentResult,
         key: ObjectKey,
+        turn: &tokio::sync::Mutex<()>,
     ) -> Result<SegmentEntry, PipelineError> {
         let url = match (&seg.url, seg.is_contain) {
             (Some(url), true) => url,
@@ -574,6 +580,7 @@ impl Pipeline {
                     bytes: None,
                     width: None,
                     height: None,
+                    aligned: None,
                 });
             }
         };
@@ -591,6 +598,7 @@ impl Pipeline {
                 width: dim("width"),
                 height: dim("height"),
                 problem: None,
+                aligned: self.aligned(job, rec, p, seg, &key, None, turn).await?,
             });
         }
         let png = self.downloader.download(url).await?;
@@ -604,6 +612,8 @@ impl Pipeline {
         metadata.insert("width".into(), png.width.to_string());
         metadata.insert("height".into(), png.height.to_string());
         let size = png.bytes.len() as u64;
+        let copy = Some(png.bytes.clone());
+        let aligned = self.aligned(job, rec, p, seg, &key, copy, turn).await?;
         self.store
             .put(
                 &key,
@@ -625,6 +635,7 @@ impl Pipeline {
             width: Some(png.width),
             height: Some(png.height),
             problem: None,
+            aligned,
         })
     }
 }

@@ -99,7 +99,8 @@ pub fn build_pipeline_with(
     )
     .with_shared_recognitions(config.share_recognitions)
     .with_lease_ttl(config.lease_ttl)
-    .with_job_deadline(config.job_deadline))
+    .with_job_deadline(config.job_deadline)
+    .with_source_masks(config.source_masks))
 }
 
 /// Check once that the archive honours conditional creates: leases and

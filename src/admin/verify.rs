@@ -29,7 +29,8 @@ pub struct Finding {
     pub job_id: String,
     pub key: String,
     /// `missing`, `size_mismatch`, `sha256_mismatch`, `no_checksum`,
-    /// `unreadable_manifest`, `outside_archive`.
+    /// `unreadable_manifest`, `outside_archive`, `aligned_size_mismatch`
+    /// (an aligned mask that is not the source's size).
     pub problem: &'static str,
     pub detail: String,
 }
@@ -108,11 +109,34 @@ fn expected(m: &Manifest) -> Vec<Expected> {
                 bytes: s.bytes,
             });
         }
+        if let Some(a) = &s.aligned {
+            out.push(Expected {
+                key: a.key.clone(),
+                sha256: a.sha256,
+                bytes: Some(a.bytes),
+            });
+        }
     }
     // An in-spec image is its own prepared image: check it once.
     let mut seen = std::collections::HashSet::new();
     out.retain(|e| seen.insert(e.key.clone()));
     out
+}
+
+/// Aligned masks whose recorded size is not the source's: (key, detail).
+fn aligned_size_problems(m: &Manifest) -> Vec<(String, String)> {
+    m.segments
+        .iter()
+        .filter_map(|s| s.aligned.as_ref())
+        .filter(|a| [a.width, a.height] != [m.source.width, m.source.height])
+        .map(|a| {
+            let detail = format!(
+                "{}x{}, the source is {}x{}",
+                a.width, a.height, m.source.width, m.source.height
+            );
+            (a.key.clone(), detail)
+        })
+        .collect()
 }
 
 /// Walk every manifest under `jobs/` and check what it names.
@@ -173,6 +197,11 @@ pub async fn run(store: &Store, opts: &Options) -> Result<Report, StoreError> {
             continue;
         }
         report.manifests += 1;
+        for (key, detail) in aligned_size_problems(&manifest) {
+            report
+                .findings
+                .push(finding(&key, "aligned_size_mismatch", detail));
+        }
         for exp in expected(&manifest) {
             let Some(obj) = store.relative_key(&exp.key) else {
                 report.findings.push(finding(

@@ -5,6 +5,7 @@
 //! images/<sha256>.<jpg|png|...>        source and prepared images, by content
 //! recognitions/<prepared_sha256>.json  Kling's answer for a prepared image
 //! segments/<request_id>/<type>.png     segment PNGs, byte for byte as Kling sent them
+//! masks/<sha256>.png                   segment masks on the source's pixel grid, by content
 //! ```
 //!
 //! Keys are deterministic: a redelivered job computes the same keys and
@@ -38,6 +39,12 @@ pub fn image(sha: &Sha256, extension: &str) -> ObjectKey {
         ext.to_ascii_lowercase()
     };
     key(format!("images/{sha}.{ext}"))
+}
+
+/// A mask aligned to its source, keyed by its own content: the same mask
+/// (the same image under two job ids, a repeated attempt) is stored once.
+pub fn aligned_mask(sha: &Sha256) -> ObjectKey {
+    key(format!("masks/{sha}.png"))
 }
 
 pub fn recognition(prepared: &Sha256) -> ObjectKey {
@@ -127,6 +134,7 @@ mod tests {
         );
         let sha = Sha256::of(b"x");
         assert_eq!(image(&sha, "JPG").as_str(), format!("images/{sha}.jpg"));
+        assert_eq!(aligned_mask(&sha).as_str(), format!("masks/{sha}.png"));
         assert_eq!(
             recognition(&sha).as_str(),
             format!("recognitions/{sha}.json")

@@ -118,7 +118,7 @@ impl TransformRecord {
     }
 
     /// Dimensions entering each step; the last entry is the output size.
-    fn stages(&self) -> Vec<[u32; 2]> {
+    pub(super) fn stages(&self) -> Vec<[u32; 2]> {
         let mut dims = self.source;
         let mut stages = Vec::with_capacity(self.steps.len() + 1);
         for step in &self.steps {

@@ -15,6 +15,7 @@
 //! The geometry is planned by the pure [`plan()`] function and recorded in a
 //! [`TransformRecord`]; see `geometry.rs` for the coordinate conventions.
 
+pub mod align;
 mod check;
 mod fix;
 mod geometry;

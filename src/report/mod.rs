@@ -4,7 +4,8 @@
 //! For each job (newest first): a thumbnail of the source, upright, with
 //! each segment mask overlaid where it belongs on the *source* (placed with
 //! the manifest's transform record, so rotation, scaling and padding done
-//! for Kling do not shift it), toggles per segment type, and the job's
+//! for Kling do not shift it; a segment's `aligned` mask, already on the
+//! source's grid, is used as it is when the manifest names one), toggles per segment type, and the job's
 //! labels, transforms, cost and request id. A summary header counts jobs by
 //! outcome and totals the cost.
 //!
@@ -21,7 +22,7 @@ use futures::StreamExt as _;
 
 use crate::archive::{ObjectKey, Store, StoreError};
 use crate::manifest::Manifest;
-use crate::prepare::Transform;
+use crate::prepare::{Transform, TransformRecord};
 
 pub use html::esc;
 
@@ -308,13 +309,17 @@ async fn job_card(store: &Store, index: usize, m: Manifest) -> Card {
     let source = fetch(m.source.key.clone()).await;
     let mut masks = Vec::new();
     for s in &m.segments {
-        let png = match (&s.key, s.is_contain) {
-            (Some(key), true) => Some(fetch(key.clone()).await),
+        // The mask on the source's own grid when the worker stored one
+        // (placed as it is), else Kling's (placed through the transforms).
+        let png = match (&s.aligned, &s.key, s.is_contain) {
+            (Some(a), _, true) => Some((fetch(a.key.clone()).await, true)),
+            (None, Some(key), true) => Some((fetch(key.clone()).await, false)),
             _ => None,
         };
         masks.push((s.kind.as_str().to_owned(), s.is_contain, png));
     }
     let record = m.prepared.transforms.clone();
+    let on_source = TransformRecord::identity(m.source.width, m.source.height);
     let orientation = m.source.orientation;
     let drawn = tokio::task::spawn_blocking(move || {
         let mut problems = Vec::new();
@@ -340,10 +345,11 @@ async fn job_card(store: &Store, index: usize, m: Manifest) -> Card {
                 coverage: 0.0,
             };
             match (png, &thumb) {
-                (Some(Err(p)), _) => problems.push(p),
-                (Some(Ok(png)), Some((_, frame))) => {
+                (Some((Err(p), _)), _) => problems.push(p),
+                (Some((Ok(png), aligned)), Some((_, frame))) => {
+                    let record = if aligned { &on_source } else { &record };
                     let drawn = pixels::read_mask(&png).and_then(|mask| {
-                        let ov = pixels::overlay(&mask, &record, frame);
+                        let ov = pixels::overlay(&mask, record, frame);
                         view.coverage = pixels::coverage(&ov);
                         pixels::overlay_png(&ov, html::colour(&view.kind), OVERLAY_ALPHA)
                     });
