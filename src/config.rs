@@ -187,9 +187,16 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_QUEUE", default_value = DEFAULT_QUEUE, global = true)]
     pub queue: String,
 
-    /// Jobs in flight per process (also the RabbitMQ prefetch).
+    /// Kling calls in flight per process, at most (the account's
+    /// concurrency is about these; the adaptive limit stays under it).
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+
+    /// Deliveries a worker holds (the RabbitMQ prefetch), so that jobs
+    /// fetch, prepare and archive while others hold the Kling calls.
+    /// Default: 2 × `--concurrency` (see docs/operations.md, Sizing).
+    #[arg(long, env = "WORKER_PREFETCH")]
+    pub prefetch: Option<u16>,
 
     /// `x-delivery-limit` of the job queue: redeliveries before RabbitMQ
     /// dead-letters a message. Every declarer must use the same value.
@@ -297,7 +304,10 @@ pub struct WorkerArgs {
 pub struct Config {
     pub amqp_url: SecretString,
     pub queue: String,
+    /// Ceiling of Kling calls in flight (`--concurrency`).
     pub concurrency: usize,
+    /// Deliveries held at once (`--prefetch`): jobs in flight.
+    pub prefetch: usize,
     pub delivery_limit: u32,
     pub retry_delays: Vec<Duration>,
     pub kling: KlingConfig,
@@ -444,6 +454,15 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
 }
 
+/// The prefetch when `--prefetch` is not given: twice the Kling ceiling.
+/// A job spends L in the Kling call and S in every other stage (fetch,
+/// prepare, S3 writes, segment downloads); to keep C calls busy a worker
+/// needs C × (L + S) / L jobs in flight (Little's law), so 2 × C covers
+/// other stages taking as long as the call itself (docs/operations.md).
+pub fn default_prefetch(concurrency: u16) -> u16 {
+    concurrency.saturating_mul(2)
+}
+
 /// Read a secret from `NAME`, or from the file named by `NAME_FILE`
 /// (Kubernetes / Docker secrets). Trailing newlines of a file are dropped.
 pub fn secret_from_env(name: &'static str) -> Result<SecretString, ConfigError> {
@@ -490,6 +509,12 @@ impl WorkerArgs {
         }
         if self.concurrency == 0 {
             return Err(invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
+        }
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| default_prefetch(self.concurrency));
+        if prefetch == 0 {
+            return Err(invalid("WORKER_PREFETCH", "must be at least 1".into()));
         }
         if self.retry_delays_secs.is_empty() || self.retry_delays_secs.contains(&0) {
             return Err(invalid(
@@ -545,6 +570,7 @@ impl WorkerArgs {
             amqp_url: SecretString::from(self.amqp_url),
             queue: self.queue,
             concurrency: usize::from(self.concurrency),
+            prefetch: usize::from(prefetch),
             delivery_limit: self.delivery_limit,
             retry_delays: self
                 .retry_delays_secs
@@ -598,6 +624,28 @@ mod tests {
         assert_eq!(cli.worker.concurrency, 32);
         assert!(cli.worker.source_allow_private);
         assert_eq!(cli.worker.retry_delays_secs, DEFAULT_RETRY_DELAYS_SECS);
+    }
+
+    #[test]
+    fn prefetch_defaults_to_twice_the_kling_ceiling() {
+        let cfg = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .unwrap()
+                .worker
+                .into_config_with_keys("ak".into(), SecretString::from("sk"))
+        };
+        let c = cfg(&["worker", "--concurrency", "32"]).unwrap();
+        assert_eq!(
+            (c.concurrency, c.prefetch, c.kling.max_in_flight),
+            (32, 64, 32)
+        );
+        let c = cfg(&["worker", "--concurrency", "32", "--prefetch", "40"]).unwrap();
+        assert_eq!(
+            (c.concurrency, c.prefetch, c.kling.max_in_flight),
+            (32, 40, 32)
+        );
+        assert_eq!(default_prefetch(u16::MAX), u16::MAX, "saturates");
+        assert!(cfg(&["worker", "--prefetch", "0"]).is_err());
     }
 
     #[test]
