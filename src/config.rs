@@ -25,6 +25,8 @@ pub const DEFAULT_KLING_BASE_URL: &str = "https://api-singapore.klingai.com";
 pub const DEFAULT_ARCHIVE: &str = "./kling-archive";
 /// Kling's result CDN. `*.` matches any subdomain.
 pub const DEFAULT_RESULT_HOSTS: &str = "*.klingai.com";
+/// Default `MEMORY_BUDGET_MB`.
+pub const DEFAULT_MEMORY_BUDGET_MB: u32 = 1024;
 /// Default retry delays: transient failures that outlast a job's own
 /// retries wait 5 s, then 30 s, then 5 min per further attempt.
 pub const DEFAULT_RETRY_DELAYS_SECS: [u64; 3] = [5, 30, 300];
@@ -264,6 +266,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "PIXEL_BUDGET_MP", default_value_t = 300)]
     pub pixel_budget_mp: u32,
 
+    /// Bytes held by jobs in flight, worker-wide, in MiB: sources,
+    /// prepared bodies, their base64, segment PNGs (3/4 for jobs, 1/4 for
+    /// segment downloads). Jobs wait for budget; see docs/operations.md.
+    #[arg(long, env = "MEMORY_BUDGET_MB", default_value_t = DEFAULT_MEMORY_BUDGET_MB)]
+    pub memory_budget_mb: u32,
+
     /// Attempts per Kling call for transient failures (including the first).
     #[arg(long, env = "KLING_MAX_ATTEMPTS", default_value_t = 6)]
     pub kling_max_attempts: u32,
@@ -320,6 +328,8 @@ pub struct Config {
     /// Largest image, in pixels, the worker will decode.
     pub max_image_pixels: u64,
     pub pixel_budget: u64,
+    /// MiB of the byte budget (`MEMORY_BUDGET_MB`).
+    pub memory_budget_mb: u32,
     pub share_recognitions: bool,
     pub shutdown_timeout: Duration,
     /// Where `/metrics`, `/healthz`, `/readyz` listen; `None` when `off`.
@@ -557,6 +567,9 @@ impl WorkerArgs {
                 ),
             ));
         }
+        if self.memory_budget_mb < 4 {
+            return Err(invalid("MEMORY_BUDGET_MB", "must be at least 4".into()));
+        }
         let http_addr = match self.http_addr.trim() {
             "off" | "" => None,
             addr => Some(addr.parse().map_err(|e| {
@@ -601,6 +614,7 @@ impl WorkerArgs {
             result_hosts,
             max_image_pixels: self.max_image_pixels,
             pixel_budget,
+            memory_budget_mb: self.memory_budget_mb,
             share_recognitions: self.share_recognitions,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             http_addr,

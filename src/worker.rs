@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::archive::{ObjectKey, Store};
 use crate::broker::{BrokerError, Controls, JobConsumer, JobEvent};
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::download::{DownloadError, ResultDownloader};
 use crate::fetch::{FetchError, Fetcher};
@@ -97,7 +98,11 @@ pub fn build_pipeline_with(
         limits,
         config.pixel_budget,
     )
-    .with_shared_recognitions(config.share_recognitions))
+    .with_shared_recognitions(config.share_recognitions)
+    .with_memory_budget(MemoryBudget::new(
+        config.memory_budget_mb,
+        config.fetch.max_bytes,
+    )))
 }
 
 /// A worker: the consumer and everything that runs beside it.
