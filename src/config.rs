@@ -25,6 +25,8 @@ pub const DEFAULT_KLING_BASE_URL: &str = "https://api-singapore.klingai.com";
 pub const DEFAULT_ARCHIVE: &str = "./kling-archive";
 /// Kling's result CDN. `*.` matches any subdomain.
 pub const DEFAULT_RESULT_HOSTS: &str = "*.klingai.com";
+/// Default `MEMORY_BUDGET_MB`.
+pub const DEFAULT_MEMORY_BUDGET_MB: u32 = 1024;
 /// Default retry delays: transient failures that outlast a job's own
 /// retries wait 5 s, then 30 s, then 5 min per further attempt.
 pub const DEFAULT_RETRY_DELAYS_SECS: [u64; 3] = [5, 30, 300];
@@ -200,9 +202,16 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_QUEUE", default_value = DEFAULT_QUEUE, global = true)]
     pub queue: String,
 
-    /// Jobs in flight per process (also the RabbitMQ prefetch).
+    /// Kling calls in flight per process, at most (the account's
+    /// concurrency is about these; the adaptive limit stays under it).
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+
+    /// Deliveries a worker holds (the RabbitMQ prefetch), so that jobs
+    /// fetch, prepare and archive while others hold the Kling calls.
+    /// Default: 2 × `--concurrency` (see docs/operations.md, Sizing).
+    #[arg(long, env = "WORKER_PREFETCH")]
+    pub prefetch: Option<u16>,
 
     /// `x-delivery-limit` of the job queue: redeliveries before RabbitMQ
     /// dead-letters a message. Every declarer must use the same value.
@@ -295,6 +304,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "PIXEL_BUDGET_MP", default_value_t = 300)]
     pub pixel_budget_mp: u32,
 
+    /// Bytes held by jobs in flight, worker-wide, in MiB: sources,
+    /// prepared bodies, their base64, segment PNGs (3/4 for jobs, 1/4 for
+    /// segment downloads). Jobs wait for budget; see docs/operations.md.
+    #[arg(long, env = "MEMORY_BUDGET_MB", default_value_t = DEFAULT_MEMORY_BUDGET_MB)]
+    pub memory_budget_mb: u32,
+
     /// Attempts per Kling call for transient failures (including the first).
     #[arg(long, env = "KLING_MAX_ATTEMPTS", default_value_t = 6)]
     pub kling_max_attempts: u32,
@@ -359,7 +374,10 @@ pub struct WorkerArgs {
 pub struct Config {
     pub amqp_url: SecretString,
     pub queue: String,
+    /// Ceiling of Kling calls in flight (`--concurrency`).
     pub concurrency: usize,
+    /// Deliveries held at once (`--prefetch`): jobs in flight.
+    pub prefetch: usize,
     pub delivery_limit: u32,
     pub retry_delays: Vec<Duration>,
     pub kling: KlingConfig,
@@ -374,6 +392,8 @@ pub struct Config {
     /// Largest image, in pixels, the worker will decode.
     pub max_image_pixels: u64,
     pub pixel_budget: u64,
+    /// MiB of the byte budget (`MEMORY_BUDGET_MB`).
+    pub memory_budget_mb: u32,
     pub share_recognitions: bool,
     /// See `SOURCE_MASKS`.
     pub source_masks: bool,
@@ -521,6 +541,15 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
 }
 
+/// The prefetch when `--prefetch` is not given: twice the Kling ceiling.
+/// A job spends L in the Kling call and S in every other stage (fetch,
+/// prepare, S3 writes, segment downloads); to keep C calls busy a worker
+/// needs C × (L + S) / L jobs in flight (Little's law), so 2 × C covers
+/// other stages taking as long as the call itself (docs/operations.md).
+pub fn default_prefetch(concurrency: u16) -> u16 {
+    concurrency.saturating_mul(2)
+}
+
 /// Read a secret from `NAME`, or from the file named by `NAME_FILE`
 /// (Kubernetes / Docker secrets). Trailing newlines of a file are dropped.
 pub fn secret_from_env(name: &'static str) -> Result<SecretString, ConfigError> {
@@ -572,6 +601,12 @@ impl WorkerArgs {
         }
         if self.concurrency == 0 {
             return Err(invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
+        }
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| default_prefetch(self.concurrency));
+        if prefetch == 0 {
+            return Err(invalid("WORKER_PREFETCH", "must be at least 1".into()));
         }
         if self.retry_delays_secs.is_empty() || self.retry_delays_secs.contains(&0) {
             return Err(invalid(
@@ -635,6 +670,9 @@ impl WorkerArgs {
                 ),
             ));
         }
+        if self.memory_budget_mb < 4 {
+            return Err(invalid("MEMORY_BUDGET_MB", "must be at least 4".into()));
+        }
         let http_addr = match self.http_addr.trim() {
             "off" | "" => None,
             addr => Some(addr.parse().map_err(|e| {
@@ -664,6 +702,7 @@ impl WorkerArgs {
             amqp_url: self.amqp_url,
             queue: self.queue,
             concurrency: usize::from(self.concurrency),
+            prefetch: usize::from(prefetch),
             delivery_limit: self.delivery_limit,
             retry_delays: self
                 .retry_delays_secs
@@ -703,6 +742,7 @@ impl WorkerArgs {
             result_hosts,
             max_image_pixels: self.max_image_pixels,
             pixel_budget,
+            memory_budget_mb: self.memory_budget_mb,
             share_recognitions: self.share_recognitions,
             source_masks: self.source_masks,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
@@ -754,6 +794,28 @@ mod tests {
             "{err}"
         );
         assert!(cfg("ftp://x").is_err());
+    }
+
+    #[test]
+    fn prefetch_defaults_to_twice_the_kling_ceiling() {
+        let cfg = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .unwrap()
+                .worker
+                .into_config_with_keys("ak".into(), SecretString::from("sk"))
+        };
+        let c = cfg(&["worker", "--concurrency", "32"]).unwrap();
+        assert_eq!(
+            (c.concurrency, c.prefetch, c.kling.max_in_flight),
+            (32, 64, 32)
+        );
+        let c = cfg(&["worker", "--concurrency", "32", "--prefetch", "40"]).unwrap();
+        assert_eq!(
+            (c.concurrency, c.prefetch, c.kling.max_in_flight),
+            (32, 40, 32)
+        );
+        assert_eq!(default_prefetch(u16::MAX), u16::MAX, "saturates");
+        assert!(cfg(&["worker", "--prefetch", "0"]).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod archive;
 pub mod broker;
+pub mod budget;
 pub mod build_info;
 pub mod config;
 pub mod demo;

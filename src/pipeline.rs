@@ -28,9 +28,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::archive::lease::{Holder, Leases};
 use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, layout};
+use crate::budget::MemoryBudget;
 use crate::download::{DownloadError, ResultDownloader};
 use crate::fetch::Fetcher;
-use crate::job::{Job, JobId, labels_metadata_value};
+use crate::job::{Job, JobId, Source, labels_metadata_value};
 use crate::kling::{KlingClient, Recognition, SegmentResult};
 use crate::manifest::{
     Manifest, PreparedImage, RecognitionRecord, ResultEvent, SCHEMA_VERSION, SegmentEntry,
@@ -101,6 +102,8 @@ pub struct Pipeline {
     cpu: Arc<Semaphore>,
     pixels: Arc<Semaphore>,
     pixel_permits: u32,
+    /// Bytes held by jobs in flight (`MEMORY_BUDGET_MB`).
+    budget: MemoryBudget,
     hooks: Hooks,
     /// Reuse a recognition of the same prepared image made for another job
     /// (one billed call per distinct image). Off: one call per job.
@@ -143,6 +146,10 @@ impl Pipeline {
             cpu: Arc::new(Semaphore::new(cores)),
             pixels: Arc::new(Semaphore::new(pixel_permits as usize)),
             pixel_permits,
+            budget: MemoryBudget::new(
+                crate::config::DEFAULT_MEMORY_BUDGET_MB,
+                crate::config::FetchConfig::default().max_bytes,
+            ),
             hooks: Hooks::default(),
             share_recognitions: true,
             once,
@@ -204,6 +211,12 @@ impl Pipeline {
         } else {
             layout::recognition_of_job(prepared, &job.id)
         }
+    }
+
+    /// See `MEMORY_BUDGET_MB`.
+    pub fn with_memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
     pub fn with_hooks(mut self, hooks: Hooks) -> Self {
@@ -305,9 +318,16 @@ impl Pipeline {
         if let Some(e) = self.kling.suspended_error() {
             return Err(e.into());
         }
+        // The job's bytes, reserved before they exist (see `budget`).
+        let inline = match &job.source {
+            Source::Inline(b) => Some(b.len() as u64),
+            _ => None,
+        };
+        let mut held = (self.budget.admit(inline).await).map_err(PipelineError::internal)?;
         let timer = crate::ops::metrics::StageTimer::start("fetch");
         let source = self.fetcher.fetch(&job.source).await?;
         timer.stop();
+        held.settle(source.len() as u64);
         let timer = crate::ops::metrics::StageTimer::start("prepare");
         let p = self.prepare(source.clone()).await?;
         timer.stop();
@@ -601,6 +621,8 @@ impl Pipeline {
                 aligned: self.aligned(job, rec, p, seg, &key, None, turn).await?,
             });
         }
+        let (w, h) = (p.prepared.width, p.prepared.height);
+        let _held = (self.budget.segment(w, h).await).map_err(PipelineError::internal)?;
         let png = self.downloader.download(url).await?;
         crate::ops::metrics::archived_bytes(png.bytes.len());
         let bytes = png.bytes.clone();

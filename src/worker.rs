@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::archive::{ObjectKey, Store};
 use crate::broker::{BrokerError, Controls, JobConsumer, JobEvent};
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::download::{DownloadError, ResultDownloader};
 use crate::fetch::{FetchError, Fetcher};
@@ -100,7 +101,11 @@ pub fn build_pipeline_with(
     .with_shared_recognitions(config.share_recognitions)
     .with_lease_ttl(config.lease_ttl)
     .with_job_deadline(config.job_deadline)
-    .with_source_masks(config.source_masks))
+    .with_source_masks(config.source_masks)
+    .with_memory_budget(MemoryBudget::new(
+        config.memory_budget_mb,
+        config.fetch.max_bytes,
+    )))
 }
 
 /// Check once that the archive honours conditional creates: leases and

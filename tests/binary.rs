@@ -156,6 +156,8 @@ async fn sigterm_mid_job_finishes_that_job_takes_no_other_and_exits_0() {
     let port = free_port();
     let child = common::worker_binary(&env)
         .env("WORKER_CONCURRENCY", "1")
+        // One delivery held: the other two stay in the queue.
+        .env("WORKER_PREFETCH", "1")
         .env("SHUTDOWN_TIMEOUT_SECS", "30")
         .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
         .spawn()

@@ -132,6 +132,7 @@ async fn an_s3_outage_of_20_s_mid_batch_loses_nothing() {
     publish_batch(&env).await;
     let mut cfg = env.config();
     cfg.concurrency = CONCURRENCY;
+    cfg.prefetch = CONCURRENCY;
     let store = env.store();
     let mut w = env.start_worker(cfg, Hooks::default());
     wait_archived(&store, 50, Duration::from_secs(120)).await;

@@ -55,6 +55,27 @@ fn known_env() -> BTreeSet<String> {
     out
 }
 
+/// A Kubernetes memory quantity (`1280Mi`, `3Gi`, `2G`) in MiB, rounded down.
+fn mebibytes(v: &Value) -> u64 {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("memory {v:?} is not a string"));
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+    let bytes = n * match unit {
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "" => 1,
+        _ => panic!("{s}: unknown unit"),
+    };
+    bytes >> 20
+}
+
 fn get<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
     path.iter().fold(v, |v, k| &v[*k])
 }
@@ -109,6 +130,23 @@ fn the_kubernetes_deployment_matches_the_binary() {
     if let Err(e) = <Cli as clap::Parser>::try_parse_from(&args) {
         panic!("{args:?}: {e}");
     }
+    // Memory request and limit follow the flags (docs/operations.md).
+    let cfg = <Cli as clap::Parser>::try_parse_from(&args)
+        .unwrap()
+        .worker
+        .into_config_with_keys("ak".into(), "sk".to_owned().into())
+        .expect("the deployment's flags validate");
+    let (want_request, want_limit) = kling_archiver::budget::pod_memory_mib(
+        cfg.memory_budget_mb,
+        cfg.pixel_budget,
+        cfg.prefetch,
+    );
+    let request = mebibytes(get(c, &["resources", "requests", "memory"]));
+    let limit = mebibytes(get(c, &["resources", "limits", "memory"]));
+    assert!(
+        request >= want_request && limit >= want_limit && request <= limit,
+        "memory request {request} Mi / limit {limit} Mi; the flags call for at least {want_request} / {want_limit} Mi"
+    );
     // Secrets only as Secret references or mounted files.
     for e in c["env"].as_sequence().unwrap() {
         let name = e["name"].as_str().unwrap();

@@ -28,6 +28,7 @@ fn job(tag: &str, i: u32) -> serde_json::Value {
 fn config(env: &TestEnv, concurrency: usize) -> Config {
     let mut cfg = env.config();
     cfg.concurrency = concurrency;
+    cfg.prefetch = concurrency;
     cfg.kling.max_in_flight = concurrency;
     cfg.kling.probe_interval = Duration::from_millis(300);
     cfg
@@ -517,6 +518,68 @@ async fn transient_failures_that_outlast_the_job_wait_in_the_retry_queue() {
     assert!(
         w.status.readiness().is_ok(),
         "one bad job does not open the breaker"
+    );
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// `--prefetch` above `--concurrency`: the worker holds more deliveries
+/// than it has Kling calls, and the calls in flight never pass the
+/// ceiling. Every job parks before its manifest until released, so the
+/// jobs parked at once are deliveries held at once: with a prefetch equal
+/// to the concurrency no more than C could ever park.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_deliveries_than_kling_calls_in_flight_and_calls_stay_under_the_ceiling() {
+    const C: usize = 2;
+    const P: usize = 8;
+    let env = TestEnv::new(Backend::Local).await;
+    env.sim.set_latency(Duration::from_millis(100));
+    let jobs = 24u32;
+    for i in 0..jobs {
+        env.publish_json(job("pf", i)).await;
+    }
+    let parked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let hold = {
+        let parked = parked.clone();
+        Hooks {
+            before_manifest: Some(std::sync::Arc::new(move |_| {
+                let parked = parked.clone();
+                let mut release = release_rx.clone();
+                Box::pin(async move {
+                    parked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = release.wait_for(|go| *go).await;
+                    parked.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })),
+        }
+    };
+    let mut cfg = config(&env, C);
+    cfg.prefetch = P;
+    let mut w = env.start_worker(cfg, hold);
+    eventually("all prefetched jobs parked", SETTLE, || async {
+        (parked.load(std::sync::atomic::Ordering::SeqCst) == P).then_some(())
+    })
+    .await;
+    let stats = env.sim.stats();
+    assert_eq!(stats.billed_calls, P as u64, "each held job made its call");
+    assert!(
+        stats.peak_in_flight <= C as u64,
+        "{} Kling calls at once while holding {P} deliveries; the ceiling is {C}",
+        stats.peak_in_flight
+    );
+    release_tx.send_replace(true);
+    let events = w.settled(jobs as usize, SETTLE).await;
+    assert_eq!(archived(&events), jobs as usize);
+    let stats = env.sim.stats();
+    assert!(
+        stats.peak_in_flight <= C as u64,
+        "peak {} Kling calls over {jobs} jobs; the ceiling is {C}",
+        stats.peak_in_flight
+    );
+    assert_eq!(
+        stats.peak_in_flight, C as u64,
+        "the calls did fill the ceiling"
     );
     w.stop().await;
     env.cleanup().await;

@@ -212,7 +212,9 @@ impl JobConsumer {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(BrokerError::channel)?;
-            let prefetch = u16::try_from(cfg.concurrency).unwrap_or(u16::MAX);
+            // Jobs in flight; the Kling calls among them stay under
+            // `--concurrency` (the Kling client's limiter).
+            let prefetch = u16::try_from(cfg.prefetch).unwrap_or(u16::MAX);
             consume_ch
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await
@@ -260,6 +262,7 @@ impl JobConsumer {
         tracing::info!(
             queue = topology.queue,
             concurrency = self.config.concurrency,
+            prefetch = self.config.prefetch,
             archive = self.pipeline.store().describe(),
             consuming = live.consumer.is_some(),
             "worker started"

@@ -5,7 +5,7 @@
 //!   explicit `x-delivery-limit`, dead-lettering at-least-once to
 //!   `<queue>.dlx`, routed to the quorum queue `<queue>.dead`; retry
 //!   queues `<queue>.retry.<n>s`; the results exchange.
-//! - [`consume`]: the consumer. It holds up to `--concurrency` deliveries, runs
+//! - [`consume`]: the consumer. It holds up to `--prefetch` deliveries, runs
 //!   each as its own task, stops consuming while told to pause, reconnects
 //!   after a lost connection and drains on shutdown.
 //! - [`settle`]: **the ack**. A message is acked only after the pipeline

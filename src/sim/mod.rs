@@ -162,6 +162,15 @@ impl SimHandle {
         self.shared.set_latency(latency);
     }
 
+    /// Latency added to every CDN download of a segment PNG (a CDN on
+    /// another continent), per object.
+    pub fn set_cdn_latency(&self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.shared
+            .cdn_latency_nanos
+            .store(nanos, Ordering::Relaxed);
+    }
+
     /// Stop accepting; the server task ends once open calls finish.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
@@ -184,6 +193,7 @@ struct Shared {
     /// `host:port` that URLs use (loopback if bound to an unspecified address).
     host: String,
     latency_nanos: AtomicU64,
+    cdn_latency_nanos: AtomicU64,
     faults: Faults,
     stats: Mutex<SimStats>,
     results: ResultStore,
@@ -208,6 +218,7 @@ async fn spawn(config: SimConfig) -> io::Result<(SimHandle, JoinHandle<io::Resul
         result_ttl: config.result_ttl,
         host: SocketAddr::new(url_ip, addr.port()).to_string(),
         latency_nanos: AtomicU64::new(0),
+        cdn_latency_nanos: AtomicU64::new(0),
         faults: Faults::new(config.seed),
         stats: Mutex::new(SimStats::default()),
         admitted: AtomicUsize::new(0),
@@ -654,6 +665,10 @@ async fn cdn_get(
     let Ok(Query(q)) = query else {
         return (StatusCode::FORBIDDEN, "missing or malformed signature").into_response();
     };
+    let latency = sim.cdn_latency_nanos.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_nanos(latency)).await;
+    }
     match sim.results.get(
         &id,
         &file,

@@ -64,6 +64,15 @@ impl Env {
         resp.expect("admin").status().as_u16()
     }
 
+    /// Recognize a 400×400 image: the URL of its `object_seg` PNG.
+    async fn object_url(&self) -> String {
+        let (_, body) = self.recognize(&png_b64(400, 400)).await;
+        images(&body)[0]["url"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     async fn get(&self, url: &str) -> (u16, Vec<u8>) {
         let resp = self.http.get(url).send().await.expect("response");
         (
@@ -425,13 +434,23 @@ async fn random_faults_follow_the_rate() {
 }
 
 #[tokio::test]
+async fn cdn_downloads_take_the_cdn_latency_per_object() {
+    let env = Env::new().await;
+    let url = env.object_url().await;
+    let latency = Duration::from_millis(300);
+    env.sim.set_cdn_latency(latency);
+    let started = tokio::time::Instant::now();
+    assert_eq!(env.get(&url).await.0, 200);
+    assert_eq!(env.get(&url).await.0, 200);
+    // A floor, not a timing target: the answer waits the latency first.
+    assert!(started.elapsed() >= latency * 2, "{:?}", started.elapsed());
+    assert_eq!(env.sim.stats().cdn_downloads, 2);
+}
+
+#[tokio::test]
 async fn expired_and_tampered_urls_are_refused() {
     let env = Env::new().await;
-    let (_, body) = env.recognize(&png_b64(400, 400)).await;
-    let url = images(&body)[0]["url"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let url = env.object_url().await;
     assert_eq!(env.get(&url).await.0, 200);
 
     let tampered = url.replace("object_seg.png", "head_seg.png");

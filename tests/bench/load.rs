@@ -11,10 +11,20 @@
 //! saved by reuse. The archive is a local directory on disk; the simulator
 //! runs in this process, the worker in its own.
 //!
-//! `LOAD_ARCHIVE_DIR=/dev/shm` puts the archive in memory (no disk fsync).
+//! Production's shape: the archive is the in-process S3 server behind a
+//! per-request delay (`--s3-latency-ms`, default 30), each segment PNG
+//! download waits `--cdn-latency-ms` (default 300). Every case runs twice:
+//! with the prefetch equal to the concurrency (how the worker ran before
+//! `--prefetch`) and with the default prefetch (2 x C), in one table. The
+//! mean of Kling calls in flight after the ramp (sampled every 50 ms from
+//! the simulator) is given as a fraction of C.
 //!
-//! Flags: `--jobs-per-slot K` (default 20: N = K x C), `--latency-ms L`
-//! (default 1000), `--concurrency 32,128`, `--mix in,out`.
+//! Flags: `--jobs-per-slot K` (default 64: N = K x C, about 64 s at the
+//! bound), `--latency-ms L` (default 1000), `--concurrency 32,128`,
+//! `--mix in,out`, `--cdn-latency-ms`, `--s3-latency-ms`.
+
+#[path = "../common/mod.rs"]
+mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +49,8 @@ struct Args {
     latency: Duration,
     concurrency: Vec<usize>,
     mixes: Vec<String>,
+    cdn_latency: Duration,
+    s3_latency: Duration,
 }
 
 fn args() -> Option<Args> {
@@ -54,7 +66,13 @@ fn args() -> Option<Args> {
             .cloned()
     };
     Some(Args {
-        jobs_per_slot: get("--jobs-per-slot").map_or(20, |v| v.parse().unwrap()),
+        jobs_per_slot: get("--jobs-per-slot").map_or(64, |v| v.parse().unwrap()),
+        cdn_latency: Duration::from_millis(
+            get("--cdn-latency-ms").map_or(300, |v| v.parse().unwrap()),
+        ),
+        s3_latency: Duration::from_millis(
+            get("--s3-latency-ms").map_or(30, |v| v.parse().unwrap()),
+        ),
         latency: Duration::from_millis(get("--latency-ms").map_or(1000, |v| v.parse().unwrap())),
         concurrency: get("--concurrency")
             .unwrap_or_else(|| "32,128".into())
@@ -136,17 +154,28 @@ struct Run {
     /// Share of all the machine's cores busy during the run (worker,
     /// simulator, RabbitMQ, everything).
     machine_busy: f64,
+    /// Mean Kling calls in flight after the ramp.
+    kling_in_flight: f64,
+}
+
+/// Where a case archives: the bench's S3 server and a bucket.
+struct Archive<'a> {
+    s3: &'a common::S3Server,
+    bucket: &'a str,
 }
 
 async fn run_one(
     conn: &Connection,
     sim: &kling_archiver::sim::SimHandle,
-    concurrency: usize,
+    (concurrency, prefetch): (usize, usize),
     mix: &str,
     jobs: usize,
-    archive: &std::path::Path,
+    archive: &Archive<'_>,
 ) -> Run {
-    let queue = format!("t.kling.load.{}-{concurrency}-{mix}", std::process::id());
+    let queue = format!(
+        "t.kling.load.{}-{concurrency}-{prefetch}-{mix}",
+        std::process::id()
+    );
     let topology = Topology::new(queue.clone(), 20);
     let ch = conn.create_channel().await.unwrap();
     topology.declare(&ch).await.unwrap();
@@ -201,7 +230,7 @@ async fn run_one(
             }
         };
         let body = serde_json::json!({
-            "job_id": format!("load-{concurrency}-{mix}-{n}"),
+            "job_id": format!("load-{concurrency}-{prefetch}-{mix}-{n}"),
             "image_base64": base64::engine::general_purpose::STANDARD.encode(image),
         });
         ch.basic_publish(
@@ -236,11 +265,20 @@ async fn run_one(
         .env("WORKER_QUEUE", &queue)
         .env("WORKER_DELIVERY_LIMIT", "20")
         .env("WORKER_CONCURRENCY", concurrency.to_string())
+        .env("WORKER_PREFETCH", prefetch.to_string())
         .env("KLING_BASE_URL", sim.base_url())
         .env("KLING_ACCESS_KEY", AK)
         .env("KLING_SECRET_KEY", SK)
         .env("KLING_RESULT_HOSTS", sim.result_host())
-        .env("ARCHIVE_URL", archive.join(format!("{concurrency}-{mix}")))
+        .env(
+            "ARCHIVE_URL",
+            format!("s3://{}/{concurrency}-{prefetch}-{mix}", archive.bucket),
+        )
+        .env("AWS_ENDPOINT_URL", &archive.s3.endpoint)
+        .env("AWS_ACCESS_KEY_ID", common::S3_AK)
+        .env("AWS_SECRET_ACCESS_KEY", common::S3_SK)
+        .env("AWS_REGION", "us-east-1")
+        .env("S3_FORCE_PATH_STYLE", "true")
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
@@ -250,6 +288,27 @@ async fn run_one(
         .expect("start the worker binary");
     let pid = child.id();
 
+    // Kling calls in flight, sampled every 50 ms from the end of the ramp
+    // (state 1) until the tail (state 2), when the calls drain below C.
+    let phase = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let sampler = tokio::spawn({
+        let (sim, phase) = (sim.clone(), phase.clone());
+        async move {
+            let (mut sum, mut n) = (0u64, 0u64);
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                match phase.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => {}
+                    1 => {
+                        sum += sim.stats().in_flight;
+                        n += 1;
+                    }
+                    _ => return sum as f64 / n.max(1) as f64,
+                }
+            }
+        }
+    });
     let mut seen = 0;
     let mut ramp_done: Option<Instant> = None;
     let mut peak = (0.0, 0);
@@ -263,12 +322,19 @@ async fn run_one(
         seen += 1;
         if seen == jobs / 10 {
             ramp_done = Some(Instant::now());
+            phase.store(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if seen == jobs - jobs / 20 {
+            // The tail drains below C: not part of the steady state.
+            phase.store(2, std::sync::atomic::Ordering::Relaxed);
         }
         if seen % 64 == 0 {
             peak = usage(pid);
         }
     }
     let elapsed = started.elapsed();
+    phase.store(2, std::sync::atomic::Ordering::Relaxed);
+    let kling_in_flight = sampler.await.unwrap_or(0.0);
     let machine_after = machine_jiffies();
     let (cpu, hwm) = usage(pid);
     let hwm = hwm.max(peak.1);
@@ -300,6 +366,7 @@ async fn run_one(
         billed: sim.stats().billed_calls - billed_before,
         machine_busy: (machine_after.0 - machine_before.0) as f64
             / (machine_after.1 - machine_before.1).max(1) as f64,
+        kling_in_flight,
     }
 }
 
@@ -309,42 +376,47 @@ async fn main() {
     let mut cfg = SimConfig::new(AK, SK);
     cfg.latency = args.latency;
     let sim = Simulator::start(cfg).await.expect("simulator");
+    sim.set_cdn_latency(args.cdn_latency);
     let conn = Connection::connect(AMQP, ConnectionProperties::default())
         .await
         .expect("RabbitMQ at 127.0.0.1:5672");
-    // LOAD_ARCHIVE_DIR=/dev/shm puts the archive in memory, to tell the
-    // cost of fsync on this disk from the worker's own.
-    let archive = match std::env::var_os("LOAD_ARCHIVE_DIR") {
-        Some(dir) => tempfile::tempdir_in(dir).unwrap(),
-        None => tempfile::tempdir().unwrap(),
-    };
+    let s3 = common::start_s3_with_latency(args.s3_latency).await;
+    let bucket = "load";
+    common::create_bucket(&s3.client, bucket).await;
+    let archive = Archive { s3: &s3, bucket };
     let l = args.latency.as_secs_f64();
     let mut table = format!(
-        "load: simulator latency {:.0} ms, {} jobs per slot, worker binary in its own process\n\n\
-         | concurrency | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | worker CPU ms/job | worker peak RSS MB | billed | machine busy |\n\
-         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "load: Kling latency {:.0} ms, segment download {} ms, S3 request {} ms, {} jobs per slot, worker binary in its own process\n\n\
+         | concurrency | prefetch | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | Kling in flight / C | worker CPU ms/job | worker peak RSS MB | billed | machine busy |\n\
+         | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         l * 1e3,
+        args.cdn_latency.as_millis(),
+        args.s3_latency.as_millis(),
         args.jobs_per_slot
     );
     for &c in &args.concurrency {
         for mix in &args.mixes {
-            let jobs = c * args.jobs_per_slot;
-            let r = run_one(&conn, &sim, c, mix, jobs, archive.path()).await;
-            let rate = r.jobs as f64 / r.seconds;
-            let bound = c as f64 / l;
-            let row = format!(
-                "| {c} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % |\n",
-                r.jobs,
-                r.seconds,
-                rate / bound,
-                r.after_ramp / bound,
-                r.cpu_per_job_ms,
-                r.peak_rss_mb,
-                r.billed,
-                r.machine_busy * 100.0
-            );
-            eprint!("{row}");
-            table.push_str(&row);
+            // Before `--prefetch` (prefetch = C), then the default (2 x C).
+            for prefetch in [c, c * 2] {
+                let jobs = c * args.jobs_per_slot;
+                let r = run_one(&conn, &sim, (c, prefetch), mix, jobs, &archive).await;
+                let rate = r.jobs as f64 / r.seconds;
+                let bound = c as f64 / l;
+                let row = format!(
+                    "| {c} | {prefetch} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % |\n",
+                    r.jobs,
+                    r.seconds,
+                    rate / bound,
+                    r.after_ramp / bound,
+                    r.kling_in_flight / c as f64,
+                    r.cpu_per_job_ms,
+                    r.peak_rss_mb,
+                    r.billed,
+                    r.machine_busy * 100.0
+                );
+                eprint!("{row}");
+                table.push_str(&row);
+            }
         }
     }
     println!("{table}");

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The load benchmark (not part of the test run): N jobs through the release
-# worker binary against the simulator with 1 s latency, at concurrency 32
-# and 128, in-spec and out-of-spec; throughput against Little's law, CPU per
+# worker binary against the simulator with 1 s latency, 300 ms per segment
+# download and an S3 server answering 30 ms late, at concurrency 32 and
+# 128, in-spec and out-of-spec, each with prefetch = C and with the default
+# 2 x C; throughput against Little's law, Kling calls in flight, CPU per
 # job, peak RSS. Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Extra
-# flags go to the bench: --jobs-per-slot K --latency-ms L --concurrency 32,128 --mix in,out
+# flags go to the bench: --jobs-per-slot K --latency-ms L --concurrency 32,128
+# --mix in,out --cdn-latency-ms 300 --s3-latency-ms 30
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/debian-tools.sh

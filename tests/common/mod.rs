@@ -80,22 +80,60 @@ impl Drop for S3Server {
 /// The test S3 server: s3s-fs, with conditional writes made atomic (see
 /// [`atomic_s3`]).
 pub async fn start_s3() -> S3Server {
-    start_s3_with(atomic_s3::Conditional::Atomic).await
+    start_s3_with(atomic_s3::Conditional::Atomic, Duration::ZERO).await
 }
 
 /// An S3 server that ignores `If-None-Match` (as some S3-compatible
 /// servers do): every conditional create succeeds.
 pub async fn start_s3_ignoring_if_none_match() -> S3Server {
-    start_s3_with(atomic_s3::Conditional::IgnoreIfNoneMatch).await
+    start_s3_with(atomic_s3::Conditional::IgnoreIfNoneMatch, Duration::ZERO).await
 }
 
-async fn start_s3_with(mode: atomic_s3::Conditional) -> S3Server {
+/// A service that answers each request `delay` later: S3's latency.
+#[derive(Clone)]
+struct Delayed<S> {
+    inner: S,
+    delay: Duration,
+}
+
+impl<S, R> hyper::service::Service<R> for Delayed<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        let answer = self.inner.call(req);
+        let delay = self.delay;
+        Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            answer.await
+        })
+    }
+}
+
+/// [`start_s3`] with every request answered `latency` later (the load
+/// bench's production shape: 30 ms).
+pub async fn start_s3_with_latency(latency: Duration) -> S3Server {
+    start_s3_with(atomic_s3::Conditional::Atomic, latency).await
+}
+
+async fn start_s3_with(mode: atomic_s3::Conditional, latency: Duration) -> S3Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let fs = s3s_fs::FileSystem::new(dir.path()).expect("s3s-fs");
     let fs = atomic_s3::AtomicFs::new(fs, mode);
     let mut b = s3s::service::S3ServiceBuilder::new(fs);
     b.set_auth(s3s::auth::SimpleAuth::from_single(S3_AK, S3_SK));
-    let service = b.build();
+    let service = Delayed {
+        inner: b.build(),
+        delay: latency,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
