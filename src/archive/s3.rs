@@ -77,21 +77,13 @@ impl S3Store {
         if if_absent && self.head(key).await?.is_some() {
             return Ok(Created::AlreadyExisted);
         }
-        let metadata: HashMap<String, String> = meta.stored_metadata().into_iter().collect();
         if body.len() >= MULTIPART_THRESHOLD {
+            let metadata: HashMap<String, String> = meta.stored_metadata().into_iter().collect();
             return self
                 .put_multipart(key, body, meta, metadata, if_absent)
                 .await;
         }
-        let mut req = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .content_type(meta.content_type)
-            .checksum_sha256(meta.sha256.base64())
-            .set_metadata(Some(metadata))
-            .body(ByteStream::from(body));
+        let mut req = self.small_put(key, body, meta);
         if if_absent {
             req = req.if_none_match("*");
         }

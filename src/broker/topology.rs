@@ -72,14 +72,22 @@ impl Topology {
     }
 
     pub fn retry_queue_arguments(&self, delay: Duration) -> FieldTable {
-        let mut args = self.dead_queue_arguments();
+        let mut args = quorum();
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
         );
+        // Back to the job queue through the default exchange.
+        self.dead_letter_to(&mut args, String::new());
+        args
+    }
+
+    /// Dead-letter `args`' queue to `exchange` with the job queue as the
+    /// routing key, at-least-once.
+    fn dead_letter_to(&self, args: &mut FieldTable, exchange: String) {
         args.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
+            AMQPValue::LongString(exchange.into()),
         );
         args.insert(
             "x-dead-letter-routing-key".into(),
@@ -89,11 +97,11 @@ impl Topology {
             "x-dead-letter-strategy".into(),
             AMQPValue::LongString("at-least-once".into()),
         );
+        // at-least-once dead-lettering silently degrades without this.
         args.insert(
             "x-overflow".into(),
             AMQPValue::LongString("reject-publish".into()),
         );
-        args
     }
 
     pub fn dead_letter_exchange(&self) -> String {
@@ -111,42 +119,17 @@ impl Topology {
     }
 
     pub fn job_queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
+        let mut args = quorum();
         args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongInt(self.delivery_limit as i32),
         );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead_letter_exchange().into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(self.queue.clone().into()),
-        );
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        // at-least-once dead-lettering silently degrades without this.
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
+        self.dead_letter_to(&mut args, self.dead_letter_exchange());
         args
     }
 
     pub fn dead_queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args
+        quorum()
     }
 
     /// Declare everything, idempotently.
@@ -211,6 +194,16 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// The arguments every queue of the topology starts from: a quorum queue.
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
 }
 
 #[cfg(test)]
