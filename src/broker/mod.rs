@@ -83,37 +83,14 @@ fn scrub_credentials(msg: &str, url: &str) -> String {
         && !password.is_empty()
     {
         out = out.replace(password, "***");
-        if let Ok(decoded) = percent_decode(password)
+        // A password in a URL may be percent-encoded.
+        if let Ok(decoded) = percent_encoding::percent_decode_str(password).decode_utf8()
             && !decoded.is_empty()
         {
-            out = out.replace(&decoded, "***");
+            out = out.replace(decoded.as_ref(), "***");
         }
     }
     out
-}
-
-/// `%XX` escapes decoded (a password in a URL may be percent-encoded).
-fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out)
 }
 
 /// What happened to one message; sent to an optional observer (the demo,
