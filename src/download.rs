@@ -74,6 +74,24 @@ impl ResultDownloader {
             .await
     }
 
+    /// Does the CDN serve at `origin` (a result URL's `scheme://host/`)?
+    /// Any HTTP answer below 500 means it does; what the worker asks
+    /// while result downloads are suspended (see [`crate::health`]).
+    pub async fn probe(&self, origin: &url::Url) -> Result<(), String> {
+        check_url(origin, &self.hosts).map_err(|e| e.to_string())?;
+        let resp = self
+            .http
+            .get(origin.clone())
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| DownloadError::from_reqwest(e, origin).to_string())?;
+        match resp.status().as_u16() {
+            s if s < 500 => Ok(()),
+            s => Err(format!("the CDN answered HTTP {s}")),
+        }
+    }
+
     async fn download_once(&self, url: &url::Url) -> Result<Png, DownloadError> {
         let resp = self
             .http

@@ -17,6 +17,7 @@ pub mod demo;
 pub mod download;
 pub mod error;
 pub mod fetch;
+pub mod health;
 pub mod job;
 pub mod kling;
 pub mod manifest;

@@ -31,6 +31,7 @@ use crate::archive::{Created, ObjectKey, PutMeta, Sha256, Store, layout};
 use crate::budget::MemoryBudget;
 use crate::download::{DownloadError, ResultDownloader};
 use crate::fetch::Fetcher;
+use crate::health::{Dependency, Outages};
 use crate::job::{Job, JobId, Source, labels_metadata_value};
 use crate::kling::{KlingClient, Recognition, SegmentResult};
 use crate::manifest::{
@@ -42,6 +43,7 @@ use crate::prepare::{self, Limits, Prepared, Spec};
 mod error;
 mod flight;
 mod once;
+mod outage;
 
 pub use error::PipelineError;
 use once::Once;
@@ -116,6 +118,8 @@ pub struct Pipeline {
     draining: CancellationToken,
     job_deadline: Duration,
     source_masks: bool,
+    /// Whether the archive and the CDN are down (see [`crate::health`]).
+    outages: Arc<Outages>,
 }
 
 impl Pipeline {
@@ -157,6 +161,7 @@ impl Pipeline {
             draining: CancellationToken::new(),
             job_deadline: DEFAULT_JOB_DEADLINE,
             source_masks: true,
+            outages: Arc::new(Outages::new()),
         }
     }
 
@@ -192,8 +197,13 @@ impl Pipeline {
             .await
             .is_err()
         {
+            let unrecorded = self.outages.unrecorded();
+            for _ in 0..unrecorded {
+                crate::ops::metrics::answer_lost();
+            }
             tracing::warn!(
                 left = self.calls.len(),
+                unrecorded,
                 "Kling calls still open at exit; their answers may be paid for again"
             );
         }
@@ -286,7 +296,8 @@ impl Pipeline {
     /// call in flight at the deadline still stores its answer.
     pub async fn run(&self, job: &Job) -> Result<Outcome, PipelineError> {
         match tokio::time::timeout(self.job_deadline, self.run_job(job)).await {
-            Ok(r) => r,
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => Err(self.judge(e).await),
             Err(_) => Err(PipelineError::JobDeadline(self.job_deadline)),
         }
     }
@@ -308,16 +319,17 @@ impl Pipeline {
     }
 
     async fn run_job(&self, job: &Job) -> Result<Outcome, PipelineError> {
+        // A suspended worker does no work it would have to throw away
+        // (with the archive down it cannot even check the manifest).
+        if self.outages.is_down(Dependency::Archive) {
+            return Err(PipelineError::DependencyDown(Dependency::Archive));
+        }
         if let Some(done) = self.already_archived(job).await? {
             tracing::info!("manifest exists; job already archived");
             return Ok(done);
         }
+        self.refuse_while_down()?;
         let manifest_key = layout::manifest(&job.id);
-
-        // A suspended worker does no work it would have to throw away.
-        if let Some(e) = self.kling.suspended_error() {
-            return Err(e.into());
-        }
         // The job's bytes, reserved before they exist (see `budget`).
         let inline = match &job.source {
             Source::Inline(b) => Some(b.len() as u64),
@@ -623,7 +635,7 @@ impl Pipeline {
         }
         let (w, h) = (p.prepared.width, p.prepared.height);
         let _held = (self.budget.segment(w, h).await).map_err(PipelineError::internal)?;
-        let png = self.downloader.download(url).await?;
+        let png = self.download_segment(url).await?;
         crate::ops::metrics::archived_bytes(png.bytes.len());
         let bytes = png.bytes.clone();
         let sha = self.cpu_task(move || Sha256::of(&bytes)).await?;

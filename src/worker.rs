@@ -2,9 +2,10 @@
 //! the consumer, and the wiring between them that no single stage owns.
 //!
 //! - the Kling supervisor (probes while the gate is closed);
-//! - the archive health check (readiness);
-//! - the bridge from the Kling gate to readiness and to the consumer,
-//!   which only hears "pause" and "resume";
+//! - the dependency supervisor: checks the archive, and probes the archive
+//!   or the CDN while one is down (see [`crate::health`]);
+//! - the bridge from the Kling gate and the dependencies to readiness and
+//!   to the consumer, which only hears "pause" and "resume";
 //! - the ops HTTP listener.
 
 use std::sync::Arc;
@@ -15,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::archive::{ObjectKey, Store};
+use crate::archive::Store;
 use crate::broker::{BrokerError, Controls, JobConsumer, JobEvent};
 use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::download::{DownloadError, ResultDownloader};
 use crate::fetch::{FetchError, Fetcher};
+use crate::health::{self, Dependency, Down, Outages};
 use crate::kling::gate::{Cause, Suspension};
 use crate::kling::{KlingClient, KlingError};
 use crate::net::{HostPattern, HostPatternError};
@@ -28,8 +30,11 @@ use crate::ops::{self, NotReady, Status};
 use crate::pipeline::Pipeline;
 use crate::prepare::Limits;
 
-/// How often readiness checks that the archive answers.
+/// How often the archive is checked while it is up.
 const STORE_CHECK_EVERY: Duration = Duration::from_secs(15);
+/// How long a recovered archive waits for billed answers held in memory to
+/// be written before new jobs may claim their images.
+const UNRECORDED_FLUSH: Duration = Duration::from_secs(10);
 
 /// Build the S3 client from the AWS SDK's standard environment
 /// (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials, profiles, roles).
@@ -181,12 +186,14 @@ impl Worker {
             let stop = supervisor_stop.clone();
             async move { pipeline.kling().supervise(stop).await }.instrument(span.clone())
         }));
-        let _store_check = AbortOnDropHandle::new(tokio::spawn(
-            check_store(self.pipeline.clone(), self.status.clone()).instrument(span.clone()),
+        let _dependencies = AbortOnDropHandle::new(tokio::spawn(
+            supervise_dependencies(self.pipeline.clone(), self.status.clone())
+                .instrument(span.clone()),
         ));
         let _gate = AbortOnDropHandle::new(tokio::spawn(
-            follow_gate(
+            follow_suspensions(
                 self.pipeline.kling().gate().subscribe(),
+                self.pipeline.outages().subscribe(),
                 self.status.clone(),
                 self.pause,
             )
@@ -198,43 +205,94 @@ impl Worker {
     }
 }
 
-/// Readiness includes the archive answering.
-async fn check_store(pipeline: Arc<Pipeline>, status: Arc<Status>) {
-    let Ok(probe) = ObjectKey::parse(".kling-archiver-health") else {
-        return;
-    };
+/// Check the archive every [`STORE_CHECK_EVERY`] while all is well (an
+/// archive that does not answer is an outage: the worker pauses); while the
+/// archive or the CDN is down, probe it every [`health::PROBE_EVERY`] and
+/// mark it up when it answers.
+async fn supervise_dependencies(pipeline: Arc<Pipeline>, status: Arc<Status>) {
+    let outages = pipeline.outages().clone();
+    let mut changes = outages.subscribe();
     loop {
-        let ok = match pipeline.store().head(&probe).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "the archive does not answer");
-                false
+        let down: Vec<Dependency> = changes
+            .borrow_and_update()
+            .iter()
+            .flatten()
+            .map(|d| d.dependency)
+            .collect();
+        status.set_store_reachable(!down.contains(&Dependency::Archive));
+        ops::metrics::store_reachable(!down.contains(&Dependency::Archive));
+        if down.is_empty() {
+            let check = pipeline.probe(Dependency::Archive).await;
+            if let Err(reason) = check {
+                tracing::warn!(error = %reason, "the archive does not answer");
+                let probe = || async { pipeline.probe(Dependency::Archive).await };
+                outages.confirm(Dependency::Archive, probe).await;
+                continue;
             }
-        };
-        status.set_store_reachable(ok);
-        ops::metrics::store_reachable(ok);
-        tokio::time::sleep(STORE_CHECK_EVERY).await;
+            tokio::select! {
+                () = tokio::time::sleep(STORE_CHECK_EVERY) => {}
+                _ = changes.changed() => {}
+            }
+            continue;
+        }
+        tokio::time::sleep(health::PROBE_EVERY).await;
+        for dep in down {
+            if pipeline.probe(dep).await.is_ok() {
+                if dep == Dependency::Archive {
+                    flush_unrecorded(&outages).await;
+                }
+                if let Some(was) = outages.mark_up(dep) {
+                    tracing::info!(
+                        cause = dep.as_str(),
+                        down_s = was.as_secs(),
+                        "dependency answers again; taking jobs"
+                    );
+                }
+            }
+        }
     }
 }
 
-/// While the Kling gate is closed the consumer is paused and readiness
-/// says why; it resumes when the gate reopens.
-async fn follow_gate(
+/// Let billed answers held in memory reach the archive before new jobs
+/// may claim their images.
+async fn flush_unrecorded(outages: &Outages) {
+    let started = tokio::time::Instant::now();
+    while outages.unrecorded() > 0 && started.elapsed() < UNRECORDED_FLUSH {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// While the Kling gate is closed or a dependency is down the consumer is
+/// paused and readiness says why; it resumes when all is well again.
+async fn follow_suspensions(
     mut gate: watch::Receiver<Option<Suspension>>,
+    mut outages: watch::Receiver<[Option<Down>; 2]>,
     status: Arc<Status>,
     pause: watch::Sender<bool>,
 ) {
     loop {
         let suspension = gate.borrow_and_update().clone();
-        status.set_suspended(suspension.as_ref().map(not_ready));
-        pause.send_replace(suspension.is_some());
-        if gate.changed().await.is_err() {
-            return;
+        let down = outages.borrow_and_update().clone();
+        for dep in Dependency::ALL {
+            ops::metrics::suspended(
+                dep.as_str(),
+                down.iter().flatten().any(|d| d.dependency == dep),
+            );
+        }
+        let why = suspension
+            .as_ref()
+            .map(not_ready)
+            .or_else(|| down.iter().flatten().next().map(dependency_not_ready));
+        pause.send_replace(why.is_some());
+        status.set_suspended(why);
+        tokio::select! {
+            r = gate.changed() => if r.is_err() { return },
+            r = outages.changed() => if r.is_err() { return },
         }
     }
 }
 
-/// What readiness says while the gate is closed.
+/// What readiness says while the Kling gate is closed.
 fn not_ready(s: &Suspension) -> NotReady {
     NotReady {
         reason: match s.cause {
@@ -243,6 +301,18 @@ fn not_ready(s: &Suspension) -> NotReady {
         },
         code: Some(s.code),
         action: Some(s.advice),
+    }
+}
+
+/// What readiness says while a dependency is down.
+fn dependency_not_ready(d: &Down) -> NotReady {
+    NotReady {
+        reason: match d.dependency {
+            Dependency::Archive => "suspended: the archive does not answer",
+            Dependency::Cdn => "suspended: Kling's result CDN does not answer",
+        },
+        code: Some(d.dependency.code()),
+        action: Some(d.dependency.advice()),
     }
 }
 

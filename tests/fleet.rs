@@ -10,123 +10,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Backend, TestEnv, b64, free_port, jpeg};
+use common::procs::{Proc, bin_store, missing_manifests, sum, wait_all_archived};
+use common::{Backend, TestEnv, b64, jpeg};
 use kling_archiver::archive::{Sha256, Store, layout};
 use kling_archiver::broker::JobEvent;
 use kling_archiver::job::JobId;
 use kling_archiver::pipeline::Hooks;
 use kling_archiver::sim::Fault;
-
-/// One `worker` process, its ops port and its log file.
-struct Proc {
-    child: Child,
-    port: u16,
-    log: tempfile::NamedTempFile,
-}
-
-impl Proc {
-    fn start(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let mut cmd = common::worker_binary(env);
-        cmd.env("WORKER_CONCURRENCY", "16")
-            .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env(
-                "RUST_LOG",
-                "info,aws=warn,hyper=warn,h2=warn,rustls=warn,lapin=warn",
-            )
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        Self {
-            child: cmd.spawn().expect("start worker"),
-            port,
-            log,
-        }
-    }
-
-    /// A counter's value on this worker's `/metrics` (0 when absent).
-    async fn counter(&self, name: &str) -> f64 {
-        let url = format!("http://127.0.0.1:{}/metrics", self.port);
-        let Ok(resp) = reqwest::get(&url).await else {
-            return 0.0;
-        };
-        let body = resp.text().await.unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn sigterm(&mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn sum(procs: &[Proc], name: &str) -> f64 {
-    let mut total = 0.0;
-    for p in procs {
-        total += p.counter(name).await;
-    }
-    total
-}
-
-fn bin_store(env: &TestEnv) -> Store {
-    Store::s3(env.s3.client.clone(), env.bucket.clone(), "bin")
-}
-
-async fn missing_manifests(store: &Store, ids: &BTreeSet<String>) -> Vec<String> {
-    let mut missing = Vec::new();
-    for id in ids {
-        let key = layout::manifest(&JobId::parse(id).unwrap());
-        if store.head(&key).await.unwrap().is_none() {
-            missing.push(id.clone());
-        }
-    }
-    missing
-}
-
-/// Poll until every job has a manifest.
-async fn wait_all_archived(
-    store: &Store,
-    ids: &BTreeSet<String>,
-    within: Duration,
-    procs: &[Proc],
-) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let missing = missing_manifests(store, ids).await;
-        if missing.is_empty() {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            for p in procs {
-                eprintln!("--- worker log ---\n{}", p.logs());
-            }
-            panic!("{} jobs without a manifest: {missing:?}", missing.len());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Close, from the broker side, the connection of the worker with `pid`.
 fn close_connection_of(pid: u32, queue: &str) {

@@ -50,6 +50,12 @@ pub const LEASE_TAKEOVERS: &str = "kling_archiver_lease_takeovers_total";
 pub const KLING_BAD_ANSWERS: &str = "kling_archiver_kling_bad_answers_total";
 /// 1 while the archive answered the last reachability check.
 pub const STORE_REACHABLE: &str = "kling_archiver_store_reachable";
+/// Billed Kling answers held in memory because the archive cannot take
+/// their record yet (a crash now loses exactly these).
+pub const ANSWERS_UNRECORDED: &str = "kling_archiver_answers_unrecorded";
+/// Billed Kling answers whose record was never written (the job's deadline
+/// ran out, or the worker exited first): a retry pays for them again.
+pub const ANSWERS_LOST: &str = "kling_archiver_answers_lost_total";
 /// Always 1, labelled with the build: `version` and `jpeg_simd` (`true`,
 /// or `false` when libjpeg was built without nasm: slow preparation).
 pub const BUILD_INFO: &str = "kling_archiver_build_info";
@@ -91,6 +97,14 @@ fn describe() {
     describe_counter!(ARCHIVED_BYTES, Unit::Bytes, "Segment PNG bytes stored");
     describe_gauge!(STORE_REACHABLE, "1 while the archive answers");
     describe_gauge!(
+        ANSWERS_UNRECORDED,
+        "Billed Kling answers held in memory, waiting for the archive"
+    );
+    describe_counter!(
+        ANSWERS_LOST,
+        "Billed Kling answers whose record was never written (paid again on retry)"
+    );
+    describe_gauge!(
         BUILD_INFO,
         "Always 1; labels say the version and whether the JPEG codec has SIMD"
     );
@@ -129,6 +143,8 @@ fn describe() {
     // billed calls by archived jobs: both start at 0, or a fresh worker's
     // first burst skews the ratio for an hour.
     claim_counters_at_zero();
+    counter!(ANSWERS_LOST).increment(0);
+    gauge!(ANSWERS_UNRECORDED).set(0.0);
     counter!(KLING_CALLS, "code" => "ok").increment(0);
     for outcome in ["archived", "already_archived"] {
         counter!(JOBS, "outcome" => outcome, "code" => "none").increment(0);
@@ -171,6 +187,14 @@ pub fn not_suspended() {
     for c in SUSPEND_CAUSES {
         suspended(c, false);
     }
+}
+
+pub fn answers_unrecorded(n: usize) {
+    gauge!(ANSWERS_UNRECORDED).set(n as f64);
+}
+
+pub fn answer_lost() {
+    counter!(ANSWERS_LOST).increment(1);
 }
 
 pub fn archived_bytes(n: usize) {

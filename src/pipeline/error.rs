@@ -6,6 +6,7 @@ use crate::archive::StoreError;
 use crate::download::DownloadError;
 use crate::error::{Classify, Disposition};
 use crate::fetch::FetchError;
+use crate::health::Dependency;
 use crate::kling::KlingError;
 use crate::prepare::PrepareError;
 
@@ -35,6 +36,10 @@ pub enum PipelineError {
     /// its answer).
     #[error("the broker connection was lost; the message is redelivered")]
     Abandoned,
+    /// A dependency (the archive, Kling's CDN) is down: the job goes back
+    /// to the queue uncharged and the worker waits (see [`crate::health`]).
+    #[error("the {} is down; the job goes back to the queue uncharged", .0.as_str())]
+    DependencyDown(Dependency),
     /// The worker is draining: no new Kling call starts.
     #[error("the worker is shutting down; the job goes back to the queue")]
     ShuttingDown,
@@ -61,7 +66,7 @@ impl Classify for PipelineError {
             | PipelineError::JobDeadline(_)
             | PipelineError::Abandoned => Disposition::Transient,
             // Put back uncharged: the job did nothing wrong.
-            PipelineError::ShuttingDown => Disposition::Suspend,
+            PipelineError::ShuttingDown | PipelineError::DependencyDown(_) => Disposition::Suspend,
             PipelineError::Internal(_) => Disposition::Transient,
         }
     }
@@ -76,6 +81,7 @@ impl Classify for PipelineError {
             PipelineError::ClaimBusy { .. } => "lease_busy",
             PipelineError::JobDeadline(_) => "job_deadline",
             PipelineError::ShuttingDown => "shutting_down",
+            PipelineError::DependencyDown(dep) => dep.code(),
             PipelineError::Abandoned => "abandoned",
             PipelineError::Internal(_) => "internal",
         }

@@ -10,17 +10,16 @@
 //! ([`super::Pipeline::drain_calls`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 
 use tracing::Instrument as _;
 
 use super::once::{Held, Once, Turn, WaitError};
-use super::{Pipeline, PipelineError, PreparedJob, base_metadata};
+use super::{Pipeline, PipelineError, PreparedJob, base_metadata, outage};
 use crate::archive::{ObjectKey, PutMeta, Sha256, Store, StoreError, layout};
 use crate::error::{Classify, Disposition};
+use crate::health::{Dependency, Outages};
 use crate::job::Job;
 use crate::kling::{KlingClient, KlingError, Recognition};
 use crate::manifest::{RecognitionRecord, SCHEMA_VERSION, now_rfc3339};
@@ -62,6 +61,11 @@ impl Pipeline {
             self.once.release(held.lease).await;
             return Err(PipelineError::ShuttingDown);
         }
+        // No billed call while its answer could not be stored.
+        if let Err(e) = self.refuse_while_down() {
+            self.once.release(held.lease).await;
+            return Err(e);
+        }
         let bytes = p.prepared.bytes.clone();
         let b64 = self
             .cpu_task(move || {
@@ -77,6 +81,8 @@ impl Pipeline {
             job: job.clone(),
             prepared_sha: p.prepared_sha,
             stale: stale.map(str::to_owned),
+            outages: self.outages.clone(),
+            record_by: tokio::time::Instant::now() + self.job_deadline,
         };
         let task = self
             .calls
@@ -121,6 +127,10 @@ pub(super) struct Flight {
     /// A stored answer with this request id does not count (its results
     /// expired; this flight replaces it).
     pub stale: Option<String>,
+    pub outages: Arc<Outages>,
+    /// Until when a billed answer's record write is retried (the archive
+    /// may be away): the job's deadline, counted from the call.
+    pub record_by: tokio::time::Instant,
 }
 
 impl Flight {
@@ -148,7 +158,13 @@ impl Flight {
             .await;
         drop(image_b64);
         let result = match answer {
-            Ok(recognition) => self.record(recognition).await,
+            // The claim stays renewed while the record waits for the
+            // archive: nobody else calls for this image meanwhile.
+            Ok(recognition) => {
+                self.once
+                    .renewing(&mut lease, self.record(recognition))
+                    .await
+            }
             Err(KlingError::RecordedMeanwhile) => self.stored().await,
             Err(e) => Err(e.into()),
         };
@@ -194,19 +210,46 @@ impl Flight {
             sha256: Sha256::of(&body),
             metadata: base_metadata(&self.job, rec),
         };
-        (|| self.store.put(&self.record_key, body.clone(), &meta))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(500))
-                    .with_max_times(5)
-                    .with_jitter(),
-            )
-            .when(|e: &StoreError| e.disposition() == Disposition::Transient)
-            .await
-            .inspect_err(|e| {
-                tracing::error!(error = %e, "could not store a billed recognition; a retry will pay again")
-            })?;
+        self.write_record(body, &meta).await?;
         Ok(record)
+    }
+
+    /// Write the record, retrying while the archive is away, until
+    /// [`Self::record_by`]: the answer is paid for, and losing it means
+    /// paying again. Held in memory meanwhile, and counted.
+    async fn write_record(&self, body: Bytes, meta: &PutMeta) -> Result<(), PipelineError> {
+        let _held = self.outages.hold_unrecorded();
+        let mut attempt = 0u32;
+        loop {
+            let e = match self.store.put(&self.record_key, body.clone(), meta).await {
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(
+                            attempts = attempt + 1,
+                            "billed recognition stored after the archive came back"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let wait = outage::record_retry_delay(attempt);
+            if e.disposition() != Disposition::Transient
+                || tokio::time::Instant::now() + wait > self.record_by
+            {
+                crate::ops::metrics::answer_lost();
+                tracing::error!(error = %e, attempts = attempt + 1, "could not store a billed recognition; a retry will pay again");
+                return Err(e.into());
+            }
+            if attempt == 0 {
+                tracing::warn!(error = %e, "the archive does not take the billed recognition; keeping it in memory and retrying");
+                self.outages
+                    .confirm(Dependency::Archive, || outage::probe_archive(&self.store))
+                    .await;
+            }
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
     }
 
     /// The record another holder stored while our call was ambiguous.

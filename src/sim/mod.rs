@@ -22,7 +22,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::{fmt, io};
@@ -171,6 +171,12 @@ impl SimHandle {
             .store(nanos, Ordering::Relaxed);
     }
 
+    /// Take the CDN down (every result download, and any other path but
+    /// the API's, answers 503) or bring it back. The API keeps answering.
+    pub fn set_cdn_down(&self, down: bool) {
+        self.shared.cdn_down.store(down, Ordering::Relaxed);
+    }
+
     /// Stop accepting; the server task ends once open calls finish.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
@@ -194,6 +200,8 @@ struct Shared {
     host: String,
     latency_nanos: AtomicU64,
     cdn_latency_nanos: AtomicU64,
+    /// See [`SimHandle::set_cdn_down`].
+    cdn_down: AtomicBool,
     faults: Faults,
     stats: Mutex<SimStats>,
     results: ResultStore,
@@ -219,6 +227,7 @@ async fn spawn(config: SimConfig) -> io::Result<(SimHandle, JoinHandle<io::Resul
         host: SocketAddr::new(url_ip, addr.port()).to_string(),
         latency_nanos: AtomicU64::new(0),
         cdn_latency_nanos: AtomicU64::new(0),
+        cdn_down: AtomicBool::new(false),
         faults: Faults::new(config.seed),
         stats: Mutex::new(SimStats::default()),
         admitted: AtomicUsize::new(0),
@@ -471,6 +480,9 @@ async fn invalid_method(State(sim): State<Arc<Shared>>) -> Response {
 
 /// Paths the API does not have: 1203.
 async fn no_such_resource(State(sim): State<Arc<Shared>>) -> Response {
+    if sim.cdn_down.load(Ordering::Relaxed) {
+        return cdn_unavailable();
+    }
     envelope(1203, None, &sim.next_id("sim-"), &DataField::Null)
 }
 
@@ -662,6 +674,9 @@ async fn cdn_get(
     Path((id, file)): Path<(String, String)>,
     query: Result<Query<CdnQuery>, QueryRejection>,
 ) -> Response {
+    if sim.cdn_down.load(Ordering::Relaxed) {
+        return cdn_unavailable();
+    }
     let Ok(Query(q)) = query else {
         return (StatusCode::FORBIDDEN, "missing or malformed signature").into_response();
     };
@@ -688,6 +703,14 @@ async fn cdn_get(
         }
         Lookup::NotFound => (StatusCode::NOT_FOUND, "no such object").into_response(),
     }
+}
+
+fn cdn_unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "CDN unavailable (simulated)",
+    )
+        .into_response()
 }
 
 async fn admin_stats(State(sim): State<Arc<Shared>>) -> Json<SimStats> {
