@@ -134,12 +134,16 @@ struct Figures {
     max_attempt: u64,
     back_s: f64,
     answers_lost: f64,
+    /// Billed answers that waited in memory for the archive.
+    held_answers: usize,
+    /// Jobs handed back uncharged while suspended.
+    returned: usize,
 }
 
 impl Figures {
     fn check(&self) {
         eprintln!(
-            "{}: {} jobs, {} billed calls ({} extra), {} dead-lettered, at most {} charged deliveries per job, last job archived {:.1} s after the return, {} answers lost",
+            "{}: {} jobs, {} billed calls ({} extra), {} dead-lettered, at most {} charged deliveries per job, last job archived {:.1} s after the return, {} answers lost, {} answers held in memory until the archive took them, {} jobs handed back uncharged",
             self.what,
             self.jobs,
             self.billed,
@@ -147,7 +151,9 @@ impl Figures {
             self.dead,
             self.max_attempt,
             self.back_s,
-            self.answers_lost
+            self.answers_lost,
+            self.held_answers,
+            self.returned
         );
         assert_eq!(self.dead, 0, "nothing dead-lettered");
         assert_eq!(self.billed, self.jobs as u64, "no extra billed call");
@@ -197,7 +203,8 @@ async fn ride_out(
     env.wait_ready(&env.queue, 0, Duration::from_secs(30)).await;
     let (status, body) = readyz(&p).await;
     assert_eq!(status, 200, "ready again: {body}");
-    let attempts = archived_attempts(&p.logs());
+    let logs = p.logs();
+    let attempts = archived_attempts(&logs);
     let figures = Figures {
         what,
         jobs: ids.len(),
@@ -210,9 +217,13 @@ async fn ride_out(
             "kling_archiver_answers_lost_total",
         )
         .await,
+        held_answers: logs.matches("stored after the archive came back").count(),
+        returned: logs
+            .matches("message returned to the queue uncharged")
+            .count(),
     };
     assert!(
-        p.logs().contains("dependency down") && p.logs().contains("dependency answers again"),
+        logs.contains("dependency down") && logs.contains("dependency answers again"),
         "one line says what the worker waits for, one that it is back"
     );
     drop(p);
