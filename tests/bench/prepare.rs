@@ -20,7 +20,11 @@
 //! this process and prints `rss_kb <delta>` (used by the RSS comparison);
 //! `codec` times the JPEG codec alone on the 12 MP 4:2:0 phone frame
 //! (decode to planes, encode planes, decode to RGB, encode RGB) and says
-//! whether this build has SIMD: how docs/dependencies.md compares builds.
+//! whether this build has SIMD: how docs/dependencies.md compares builds;
+//! `machine` is the whole-machine figure: 12 MP phone photos that need
+//! turning, prepared on every core at once (one job per core at a time),
+//! in jobs/s, against libvips doing the same on as many processes (run
+//! unpinned, after the single-threaded table).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
@@ -48,6 +52,7 @@ fn main() {
     match args.as_slice() {
         ["rss", file] => rss_job(Path::new(file)),
         ["codec"] => codec_only(),
+        ["machine"] => machine(),
         _ if benching => run_all(),
         _ => println!("the prepare benchmark runs with `bash tests/bench/prepare.sh`"),
     }
@@ -360,6 +365,76 @@ fn codec_split(bytes: &[u8]) -> (Duration, Duration) {
             std::hint::black_box(encode());
         }),
     )
+}
+
+/// Jobs per core in the whole-machine figure.
+const MACHINE_JOBS_PER_CORE: usize = 6;
+
+/// Jobs/s on the whole machine for the phone photo (EXIF 6: decode,
+/// rotate, encode): ours on one thread per core, libvips on one process per
+/// core; the two sides run one after the other, twice, in alternating
+/// order, and each side's better run counts.
+fn machine() {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let dir = tempfile::tempdir().unwrap();
+    let phone = cases()
+        .into_iter()
+        .find(|c| c.name == "jpeg_12mp_phone")
+        .expect("the phone case");
+    let input = dir.path().join("phone.in");
+    std::fs::write(&input, &phone.bytes).unwrap();
+    let data = Bytes::from(phone.bytes);
+    let (_, out) = ours(&data);
+    let plan_file = dir.path().join("plans.json");
+    let plans = serde_json::json!({"cases": [{"name": phone.name, "input": input, "steps": vips_plan(&out)}], "rss_cases": []});
+    std::fs::write(&plan_file, plans.to_string()).unwrap();
+    let jobs = cores * MACHINE_JOBS_PER_CORE;
+    let run_ours = || {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..cores {
+                s.spawn(|| {
+                    for _ in 0..MACHINE_JOBS_PER_CORE {
+                        std::hint::black_box(ours(&data));
+                    }
+                });
+            }
+        });
+        jobs as f64 / t.elapsed().as_secs_f64()
+    };
+    let mut peers: Vec<Vips> = (0..cores).map(|_| Vips::start(&plan_file)).collect();
+    for v in &mut peers {
+        v.time(phone.name); // warm-up
+    }
+    let mut run_theirs = || {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for v in peers.iter_mut() {
+                s.spawn(move || {
+                    for _ in 0..MACHINE_JOBS_PER_CORE {
+                        v.time(phone.name);
+                    }
+                });
+            }
+        });
+        jobs as f64 / t.elapsed().as_secs_f64()
+    };
+    let (a, b) = (run_ours(), run_theirs());
+    let (d, c) = (run_theirs(), run_ours());
+    let (mine, theirs) = (a.max(c), b.max(d));
+    let line = format!(
+        "whole machine, {cores} cores, {jobs} 4032x3024 phone photos (EXIF 6: decode, rotate, encode), one job per core at a time: ours {mine:.2} jobs/s, libvips {theirs:.2} jobs/s, ratio ours / libvips **{:.2}×** (jpeg_simd={})",
+        mine / theirs,
+        kling_archiver::build_info::JPEG_SIMD
+    );
+    println!("{line}");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-prepare.md");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .unwrap();
+    writeln!(f, "\n{line}").unwrap();
 }
 
 fn ms(d: Duration) -> f64 {
