@@ -2,9 +2,12 @@
 //!
 //! The URL and every redirect hop must match `KLING_RESULT_HOSTS`; `https`
 //! is required except for loopback hosts (the simulator). Bodies are
-//! size-capped and must be a complete, fully decodable PNG before they
-//! are stored. Transient CDN failures are retried here with backoff; 403,
-//! 404 and 410 mean the result has expired.
+//! size-capped by [`SegmentLimits`] (derived by the caller from the image
+//! the mask is of) and must be a complete, fully decodable PNG before they
+//! are stored: the cheap structural check runs here, the full decode in
+//! [`Downloaded::verify`], which is CPU work the caller runs inside its CPU
+//! permits. Transient CDN failures are retried here with backoff; 403, 404
+//! and 410 mean the result has expired.
 //!
 //! Sits on [`crate::net`] like `fetch`; knows nothing about jobs, the
 //! archive or RabbitMQ.
@@ -20,9 +23,20 @@ use crate::net::{
     redact_url,
 };
 
-/// A segment PNG is at most the prepared image's pixels in RGBA, compressed;
-/// this leaves room for pathological compression.
+/// The ceiling over any [`SegmentLimits`]: no segment body is read past it,
+/// whatever image it is a mask of.
 pub const MAX_SEGMENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// What one segment PNG may weigh, set by the caller from the image it is
+/// a mask of (a mask of a W×H image has no business being larger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentLimits {
+    /// The body as sent (compressed); capped at [`MAX_SEGMENT_BYTES`].
+    pub max_bytes: u64,
+    /// The raw pixel bytes its header declares (width × height × bytes
+    /// per pixel), which bounds the inflate work of the full check.
+    pub max_decoded: u64,
+}
 
 const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
 
@@ -38,6 +52,32 @@ pub struct Png {
     pub bytes: Bytes,
     pub width: u32,
     pub height: u32,
+}
+
+/// A downloaded body whose structure (signature, IHDR within the limits,
+/// IEND) is checked; [`Self::verify`] does the full decode.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    bytes: Bytes,
+    url: String,
+    limits: SegmentLimits,
+}
+
+impl Downloaded {
+    /// Decode every row (CRCs, the whole zlib stream) within the limits.
+    /// CPU work, bounded by `max_decoded`: run it on the caller's CPU pool.
+    pub fn verify(self) -> Result<Png, DownloadError> {
+        let (width, height) =
+            verify_png(&self.bytes, &self.limits).map_err(|reason| DownloadError::NotPng {
+                url: self.url,
+                reason,
+            })?;
+        Ok(Png {
+            bytes: self.bytes,
+            width,
+            height,
+        })
+    }
 }
 
 impl ResultDownloader {
@@ -58,10 +98,15 @@ impl ResultDownloader {
         Ok(Self { http, hosts })
     }
 
-    /// Download and verify one segment PNG.
-    pub async fn download(&self, url: &url::Url) -> Result<Png, DownloadError> {
+    /// Download one segment PNG and check its structure against `limits`
+    /// (the caller runs [`Downloaded::verify`]).
+    pub async fn download(
+        &self,
+        url: &url::Url,
+        limits: SegmentLimits,
+    ) -> Result<Downloaded, DownloadError> {
         check_url(url, &self.hosts)?;
-        (|| self.download_once(url))
+        (|| self.download_once(url, limits))
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(500))
@@ -92,7 +137,11 @@ impl ResultDownloader {
         }
     }
 
-    async fn download_once(&self, url: &url::Url) -> Result<Png, DownloadError> {
+    async fn download_once(
+        &self,
+        url: &url::Url,
+        limits: SegmentLimits,
+    ) -> Result<Downloaded, DownloadError> {
         let resp = self
             .http
             .get(url.clone())
@@ -115,26 +164,25 @@ impl ResultDownloader {
                 });
             }
         }
-        let bytes = net::read_capped(resp, MAX_SEGMENT_BYTES)
+        let bytes = net::read_capped(resp, limits.max_bytes.min(MAX_SEGMENT_BYTES))
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge { limit } => DownloadError::TooLarge { limit },
                 BodyError::Read(e) => DownloadError::from_reqwest(e, url),
             })?;
-        let check = bytes.clone();
-        let (width, height) = tokio::task::spawn_blocking(move || verify_png(&check))
-            .await
-            .map_err(|e| DownloadError::Network {
-                reason: format!("PNG check task failed: {e}"),
-            })?
-            .map_err(|reason| DownloadError::NotPng {
+        // O(1): a body cut short is retried here; a header over the limits
+        // is refused before any inflate work.
+        verify_png_structure(&bytes, &limits).map_err(|e| match e {
+            Structure::Broken(reason) => DownloadError::NotPng {
                 url: redact_url(url),
                 reason,
-            })?;
-        Ok(Png {
+            },
+            Structure::OverCap(reason) => DownloadError::DecodeTooLarge { reason },
+        })?;
+        Ok(Downloaded {
             bytes,
-            width,
-            height,
+            url: redact_url(url),
+            limits,
         })
     }
 }
@@ -164,16 +212,21 @@ fn check_url(url: &url::Url, hosts: &[HostPattern]) -> Result<(), DownloadError>
     }
 }
 
-/// A complete, decodable PNG. The cheap structural check first (signature,
-/// IHDR, IEND), then a full streaming decode row by row: every chunk CRC
-/// and the whole zlib stream are checked without holding the image in
-/// memory (the decoder's allocations are capped). Returns its size.
-pub fn verify_png(b: &[u8]) -> Result<(u32, u32), String> {
-    let (width, height) = verify_png_structure(b)?;
+/// A complete, decodable PNG within `limits`. The cheap structural check
+/// first (signature, IHDR, IEND, the declared raw size), then a full
+/// streaming decode row by row: every chunk CRC and the whole zlib stream
+/// are checked without holding the image in memory (the decoder's
+/// allocations are capped). Returns its size.
+pub fn verify_png(b: &[u8], limits: &SegmentLimits) -> Result<(u32, u32), String> {
+    let (width, height) = verify_png_structure(b, limits).map_err(|e| match e {
+        Structure::Broken(r) | Structure::OverCap(r) => r,
+    })?;
     let mut decoder = png::Decoder::new_with_limits(
         std::io::Cursor::new(b),
         png::Limits {
-            bytes: 64 * 1024 * 1024,
+            bytes: usize::try_from(limits.max_decoded)
+                .unwrap_or(usize::MAX)
+                .clamp(1 << 20, 64 << 20),
         },
     );
     decoder.set_ignore_text_chunk(true);
@@ -189,24 +242,56 @@ pub fn verify_png(b: &[u8]) -> Result<(u32, u32), String> {
     Ok((width, height))
 }
 
-/// Signature, a sane IHDR first, IEND last.
-fn verify_png_structure(b: &[u8]) -> Result<(u32, u32), String> {
+/// Why a body fails the structural check.
+enum Structure {
+    /// Not a whole PNG (maybe cut short in transit).
+    Broken(String),
+    /// A PNG whose header declares more pixels than the limits allow.
+    OverCap(String),
+}
+
+/// Signature, a sane IHDR first within the limits, IEND last.
+fn verify_png_structure(b: &[u8], limits: &SegmentLimits) -> Result<(u32, u32), Structure> {
+    let broken = |r: &str| Err(Structure::Broken(r.to_owned()));
     if b.len() < 8 + 25 + 12 || &b[..8] != PNG_SIGNATURE {
-        return Err("not a PNG (bad signature)".into());
+        return broken("not a PNG (bad signature)");
     }
     if &b[12..16] != b"IHDR" {
-        return Err("first chunk is not IHDR".into());
+        return broken("first chunk is not IHDR");
     }
     let width = u32::from_be_bytes([b[16], b[17], b[18], b[19]]);
     let height = u32::from_be_bytes([b[20], b[21], b[22], b[23]]);
     if width == 0 || height == 0 {
-        return Err("IHDR declares a zero dimension".into());
+        return broken("IHDR declares a zero dimension");
     }
     let tail = &b[b.len() - 12..];
     if tail[..4] != [0, 0, 0, 0] || &tail[4..8] != b"IEND" {
-        return Err("truncated: no IEND chunk at the end".into());
+        return broken("truncated: no IEND chunk at the end");
+    }
+    let decoded = declared_raw_bytes(width, height, b[24], b[25]);
+    if decoded > limits.max_decoded {
+        return Err(Structure::OverCap(format!(
+            "header declares {width}x{height} ({decoded} bytes decoded), over the cap of {} bytes",
+            limits.max_decoded
+        )));
     }
     Ok((width, height))
+}
+
+/// Raw bytes a PNG header declares: rows of `width` pixels at the colour
+/// type's samples and bit depth (an unknown colour type counts as RGBA 16).
+fn declared_raw_bytes(width: u32, height: u32, depth: u8, colour: u8) -> u64 {
+    let samples: u64 = match colour {
+        0 | 3 => 1,
+        4 => 2,
+        2 => 3,
+        _ => 4,
+    };
+    let bits = match (colour, depth) {
+        (0 | 2 | 3 | 4 | 6, 1 | 2 | 4 | 8 | 16) => u64::from(depth),
+        _ => 16,
+    };
+    (u64::from(width) * samples * bits).div_ceil(8) * u64::from(height)
 }
 
 #[non_exhaustive]
@@ -230,6 +315,8 @@ pub enum DownloadError {
     Redirects { url: String, reason: String },
     #[error("segment is larger than {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("segment is too large for the image it is a mask of: {reason}")]
+    DecodeTooLarge { reason: String },
     #[error("segment from {url} is not a valid PNG: {reason}")]
     NotPng { url: String, reason: String },
     #[error("segment download failed: {reason}")]
@@ -276,7 +363,8 @@ impl Classify for DownloadError {
             | DownloadError::Forbidden(_)
             | DownloadError::InsecureScheme { .. }
             | DownloadError::Redirects { .. }
-            | DownloadError::TooLarge { .. } => Disposition::Permanent,
+            | DownloadError::TooLarge { .. }
+            | DownloadError::DecodeTooLarge { .. } => Disposition::Permanent,
             // Expired is decided by the pipeline: re-recognize once, then give up.
             DownloadError::Expired { .. } => Disposition::Permanent,
             DownloadError::Status { status, .. } if *status == 429 || *status >= 500 => {
@@ -295,7 +383,9 @@ impl Classify for DownloadError {
             DownloadError::Expired { .. } => "results_expired",
             DownloadError::Status { .. } => "result_http_error",
             DownloadError::Redirects { .. } => "result_redirect_refused",
-            DownloadError::TooLarge { .. } => "result_too_large",
+            DownloadError::TooLarge { .. } | DownloadError::DecodeTooLarge { .. } => {
+                "result_too_large"
+            }
             DownloadError::NotPng { .. } => "result_not_png",
             DownloadError::Network { .. } => "result_network",
         }
@@ -358,32 +448,113 @@ mod tests {
         });
         let d = ResultDownloader::new(hosts(&[&format!("localhost:{port}")])).unwrap();
         let url = url::Url::parse(&format!("http://localhost:{port}/seg.png")).unwrap();
-        let err = d.download(&url).await.unwrap_err();
+        let err = d.download(&url, ROOMY).await.unwrap_err();
         assert_eq!(err.code(), "result_forbidden_address", "{err}");
         assert_eq!(err.disposition(), Disposition::Permanent);
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
-    #[test]
-    fn png_verification_catches_truncation_and_impostors() {
-        let img = image::RgbaImage::from_pixel(4, 3, image::Rgba([1, 2, 3, 255]));
+    const ROOMY: SegmentLimits = SegmentLimits {
+        max_bytes: 1 << 20,
+        max_decoded: 1 << 20,
+    };
+
+    fn rgba_png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbaImage::from_pixel(w, h, image::Rgba([1, 2, 3, 255]));
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
-        assert_eq!(verify_png(&png), Ok((4, 3)));
+        png
+    }
+
+    #[test]
+    fn png_verification_catches_truncation_and_impostors() {
+        let png = rgba_png(4, 3);
+        assert_eq!(verify_png(&png, &ROOMY), Ok((4, 3)));
         assert!(
-            verify_png(&png[..png.len() - 5])
+            verify_png(&png[..png.len() - 5], &ROOMY)
                 .unwrap_err()
                 .contains("truncated")
         );
-        assert!(verify_png(b"<html>expired</html>").is_err());
-        assert!(verify_png(&[]).is_err());
+        assert!(verify_png(b"<html>expired</html>", &ROOMY).is_err());
+        assert!(verify_png(&[], &ROOMY).is_err());
         // Intact structure, damaged pixels: only the full decode sees it.
         let at = png.windows(4).position(|w| w == b"IDAT").unwrap() + 6;
         let mut damaged = png.clone();
         damaged[at] ^= 0x55;
-        assert!(verify_png_structure(&damaged).is_ok());
-        let err = verify_png(&damaged).unwrap_err();
+        assert!(verify_png_structure(&damaged, &ROOMY).is_ok());
+        let err = verify_png(&damaged, &ROOMY).unwrap_err();
         assert!(err.contains("undecodable"), "{err}");
+    }
+
+    /// The header's declared pixels are judged before any inflate work: a
+    /// mask that decodes to more than the cap is refused from 45 bytes.
+    #[test]
+    fn a_png_declaring_more_pixels_than_the_cap_is_refused_before_decoding() {
+        let png = rgba_png(64, 64);
+        let exact = SegmentLimits {
+            max_bytes: 1 << 20,
+            max_decoded: 64 * 64 * 4,
+        };
+        assert_eq!(verify_png(&png, &exact), Ok((64, 64)));
+        let tight = SegmentLimits {
+            max_bytes: 1 << 20,
+            max_decoded: 64 * 64 * 4 - 1,
+        };
+        match verify_png_structure(&png, &tight) {
+            Err(Structure::OverCap(r)) => assert!(r.contains("64x64"), "{r}"),
+            _ => panic!("a header over the cap must be refused"),
+        }
+        // A bomb header: 30000 x 30000 RGBA, a few dozen bytes long.
+        let mut bomb = png.clone();
+        bomb[16..20].copy_from_slice(&30_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&30_000u32.to_be_bytes());
+        let err = verify_png(&bomb, &ROOMY).unwrap_err();
+        assert!(err.contains("over the cap"), "{err}");
+        // Colour types and depths: grey 8, RGB 8, RGBA 16, palette 1-bit.
+        assert_eq!(declared_raw_bytes(10, 2, 8, 0), 20);
+        assert_eq!(declared_raw_bytes(10, 2, 8, 2), 60);
+        assert_eq!(declared_raw_bytes(10, 2, 16, 6), 160);
+        assert_eq!(declared_raw_bytes(10, 2, 1, 3), 4);
+        assert_eq!(declared_raw_bytes(10, 2, 3, 9), 160, "nonsense counts high");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_callers_cap_is_cut_and_refused() {
+        let png = rgba_png(32, 32);
+        let len = png.len() as u64;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = sock.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", png.len());
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&png).await;
+            }
+        });
+        let d = ResultDownloader::new(hosts(&[&format!("127.0.0.1:{port}")])).unwrap();
+        let url = url::Url::parse(&format!("http://127.0.0.1:{port}/seg.png")).unwrap();
+        let fits = SegmentLimits {
+            max_bytes: len,
+            max_decoded: 32 * 32 * 4,
+        };
+        let got = d.download(&url, fits).await.unwrap().verify().unwrap();
+        assert_eq!((got.width, got.height), (32, 32));
+        let small = SegmentLimits {
+            max_bytes: len - 1,
+            ..fits
+        };
+        let err = d.download(&url, small).await.unwrap_err();
+        assert_eq!(err.code(), "result_too_large", "{err}");
+        assert_eq!(err.disposition(), Disposition::Permanent);
+        let narrow = SegmentLimits {
+            max_decoded: 32 * 32 * 4 - 1,
+            ..fits
+        };
+        let err = d.download(&url, narrow).await.unwrap_err();
+        assert!(matches!(err, DownloadError::DecodeTooLarge { .. }), "{err}");
     }
 }

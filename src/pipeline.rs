@@ -14,14 +14,13 @@
 //! Knows nothing about RabbitMQ: the broker calls [`Pipeline::run`] and acts
 //! on the result.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,8 +32,8 @@ use crate::download::{DownloadError, ResultDownloader};
 use crate::fetch::Fetcher;
 use crate::health::{Dependency, Outages};
 use crate::job::{Job, JobId, Source, labels_metadata_value};
-use crate::kling::{KlingClient, Recognition, SegmentResult};
-use crate::manifest::{RecognitionRecord, ResultEvent, SegmentEntry};
+use crate::kling::{KlingClient, Recognition};
+use crate::manifest::ResultEvent;
 use crate::prepare::{self, Limits, Prepared, Spec};
 
 mod error;
@@ -54,8 +53,7 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_JOB_DEADLINE: Duration = Duration::from_secs(25 * 60);
 
 mod align;
-/// Segment downloads in flight per job.
-const SEGMENT_PARALLELISM: usize = 4;
+mod segments;
 
 /// A test seam: code run just before the manifest is written.
 pub type Hook = Arc<dyn Fn(JobId) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -453,121 +451,6 @@ impl Pipeline {
             self.store.full_key(&source_key),
             self.store.full_key(&prepared_key),
         ))
-    }
-
-    /// Download every contained segment (skipping those already stored by
-    /// an earlier attempt) and store it byte for byte.
-    async fn archive_segments(
-        &self,
-        job: &Job,
-        record: &RecognitionRecord,
-        p: &PreparedJob,
-    ) -> Result<Vec<SegmentEntry>, PipelineError> {
-        let rec = &record.recognition;
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        let planned: Vec<_> = rec
-            .segments
-            .iter()
-            .map(|s| {
-                let n = seen.entry(s.kind.as_str()).or_default();
-                let key = layout::segment(&rec.request_id, s.kind.as_str(), *n);
-                *n += 1;
-                (s, key)
-            })
-            .collect();
-        let turn = tokio::sync::Mutex::new(());
-        let work: Vec<_> = planned
-            .into_iter()
-            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key, &turn))
-            .collect();
-        futures::stream::iter(work)
-            .buffered(SEGMENT_PARALLELISM)
-            .try_collect()
-            .await
-    }
-
-    async fn archive_segment(
-        &self,
-        job: &Job,
-        rec: &Recognition,
-        p: &PreparedJob,
-        seg: &SegmentResult,
-        key: ObjectKey,
-        turn: &tokio::sync::Mutex<()>,
-    ) -> Result<SegmentEntry, PipelineError> {
-        let url = match (&seg.url, seg.is_contain) {
-            (Some(url), true) => url,
-            _ => {
-                return Ok(SegmentEntry {
-                    kind: seg.kind.clone(),
-                    // A contained segment we cannot download stays
-                    // contained, with the reason (Kling billed for it).
-                    is_contain: seg.is_contain && seg.problem.is_some(),
-                    problem: seg.problem.clone(),
-                    key: None,
-                    sha256: None,
-                    bytes: None,
-                    width: None,
-                    height: None,
-                    aligned: None,
-                });
-            }
-        };
-        // Stored by an earlier attempt of this job: keep it, don't download again.
-        if let Some(info) = self.store.head(&key).await?
-            && let Some(sha) = info.sha256()
-        {
-            let dim = |k: &str| info.metadata.get(k).and_then(|v| v.parse().ok());
-            return Ok(SegmentEntry {
-                kind: seg.kind.clone(),
-                is_contain: true,
-                key: Some(self.store.full_key(&key)),
-                sha256: Some(sha),
-                bytes: Some(info.size),
-                width: dim("width"),
-                height: dim("height"),
-                problem: None,
-                aligned: self.aligned(job, rec, p, seg, &key, None, turn).await?,
-            });
-        }
-        let (w, h) = (p.prepared.width, p.prepared.height);
-        let _held = (self.budget.segment(w, h).await).map_err(PipelineError::internal)?;
-        let png = self.download_segment(url).await?;
-        crate::ops::metrics::archived_bytes(png.bytes.len());
-        let bytes = png.bytes.clone();
-        let sha = self.cpu_task(move || Sha256::of(&bytes)).await?;
-        let mut metadata = base_metadata(job, rec);
-        metadata.insert("segment-type".into(), seg.kind.to_string());
-        metadata.insert("source-sha256".into(), p.source_sha.hex());
-        metadata.insert("prepared-sha256".into(), p.prepared_sha.hex());
-        metadata.insert("width".into(), png.width.to_string());
-        metadata.insert("height".into(), png.height.to_string());
-        let size = png.bytes.len() as u64;
-        let copy = Some(png.bytes.clone());
-        let aligned = self.aligned(job, rec, p, seg, &key, copy, turn).await?;
-        self.store
-            .put(
-                &key,
-                png.bytes,
-                &PutMeta {
-                    content_type: "image/png",
-                    sha256: sha,
-                    metadata,
-                },
-            )
-            .await?;
-        tracing::debug!(kind = %seg.kind, bytes = size, "segment archived");
-        Ok(SegmentEntry {
-            kind: seg.kind.clone(),
-            is_contain: true,
-            key: Some(self.store.full_key(&key)),
-            sha256: Some(sha),
-            bytes: Some(size),
-            width: Some(png.width),
-            height: Some(png.height),
-            problem: None,
-            aligned,
-        })
     }
 }
 

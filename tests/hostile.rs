@@ -4,6 +4,10 @@
 //! finishes. Every one is dead-lettered with its own reason, nothing
 //! reaches Kling, the process's peak memory stays bounded, and the worker
 //! is still there to archive a good job at the end.
+//!
+//! And hostile *billed* answers from Kling (10,000 segments, masks of the
+//! wrong size): archived, never paid for twice, with the problem recorded
+//! and the work bounded.
 
 mod common;
 
@@ -12,8 +16,12 @@ use std::time::Duration;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use common::{Backend, TestEnv, b64, jpeg};
+use kling_archiver::archive::{Sha256, layout};
 use kling_archiver::broker::JobEvent;
+use kling_archiver::job::JobId;
+use kling_archiver::kling::answer::MAX_SEGMENTS;
 use kling_archiver::pipeline::Hooks;
+use kling_archiver::sim::Fault;
 
 /// Peak resident memory of this process so far, in MB (Linux VmHWM).
 fn peak_rss_mb() -> f64 {
@@ -273,5 +281,141 @@ async fn hostile_input_is_dead_lettered_with_a_reason_and_the_worker_carries_on(
     let grew = peak_rss_mb() - rss_before;
     eprintln!("peak RSS grew by {grew:.0} MB over the hostile batch");
     assert!(grew < 768.0, "peak RSS grew by {grew:.0} MB");
+    env.cleanup().await;
+}
+
+/// A job's manifest, checked against the schema.
+async fn manifest(env: &TestEnv, id: &str) -> serde_json::Value {
+    let key = layout::manifest(&JobId::parse(id).unwrap());
+    let body = env.store().get(&key).await.unwrap().expect("manifest");
+    common::assert_manifest_schema(&body);
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Kling bills an answer listing 10,000 segments (about 15,000 fit in its
+/// 1 MiB): the job is archived, the raw answer with all 10,000 is kept, the
+/// manifest names only the first MAX_SEGMENTS and says why, and no more
+/// than MAX_SEGMENTS PNGs are downloaded. A second job on the same image
+/// pays nothing and downloads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_with_10000_segments_is_archived_capped_with_its_problem() {
+    let env = TestEnv::new(Backend::S3).await;
+    env.sim.faults().push(Fault::ManySegments(10_000));
+    let img = jpeg(500, 400);
+    let mut w = env.start_worker(env.config(), Hooks::default());
+    env.publish_json(serde_json::json!({"job_id": "many-1", "image_base64": b64(&img)}))
+        .await;
+    let events = w.settled(1, Duration::from_secs(120)).await;
+    assert!(matches!(events[0], JobEvent::Archived { .. }), "{events:?}");
+    let stats = env.sim.stats();
+    assert_eq!(stats.billed_calls, 1);
+    assert!(
+        (1..=MAX_SEGMENTS as u64).contains(&stats.cdn_downloads),
+        "downloads: {}",
+        stats.cdn_downloads
+    );
+
+    let record = env
+        .store()
+        .get(&layout::recognition(&Sha256::of(&img)))
+        .await
+        .unwrap()
+        .expect("the billed answer is kept");
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let raw = &record["recognition"]["raw"]["data"]["task_result"]["images"];
+    assert_eq!(raw.as_array().unwrap().len(), 10_000, "nothing lost");
+
+    let m = manifest(&env, "many-1").await;
+    let segs = m["segments"].as_array().unwrap();
+    assert_eq!(segs.len(), MAX_SEGMENTS);
+    let problem = m["problem"].as_str().unwrap();
+    assert!(
+        problem.starts_with("too_many_segments") && problem.contains("10000"),
+        "{problem}"
+    );
+    let stored = segs.iter().filter(|s| s.get("key").is_some()).count();
+    assert_eq!(stored as u64, stats.cdn_downloads, "{m}");
+
+    // The same image again: the record is reused, the segments found stored.
+    env.publish_json(serde_json::json!({"job_id": "many-2", "image_base64": b64(&img)}))
+        .await;
+    let events = w.settled(1, Duration::from_secs(120)).await;
+    assert!(matches!(events[0], JobEvent::Archived { .. }), "{events:?}");
+    let again = env.sim.stats();
+    assert_eq!(again.billed_calls, 1);
+    assert_eq!(again.cdn_downloads, stats.cdn_downloads);
+    assert_eq!(manifest(&env, "many-2").await["segments"], m["segments"]);
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// Kling bills masks half the size of the image it was sent: each is kept
+/// (billed bytes) with a `size_mismatch` problem naming both sizes, and
+/// none is moved onto the source grid as if it matched, on the first
+/// attempt or when another job finds them stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn masks_of_the_wrong_size_are_kept_with_a_size_mismatch_and_not_aligned() {
+    let env = TestEnv::new(Backend::Local).await;
+    env.sim.faults().push(Fault::WrongSizeMasks);
+    // Under 300 px: resized up for Kling, so its masks would be aligned.
+    let img = jpeg(250, 200);
+    let mut w = env.start_worker(env.config(), Hooks::default());
+    for id in ["small-1", "small-2"] {
+        env.publish_json(serde_json::json!({"job_id": id, "image_base64": b64(&img)}))
+            .await;
+        let events = w.settled(1, Duration::from_secs(120)).await;
+        assert!(matches!(events[0], JobEvent::Archived { .. }), "{events:?}");
+    }
+    assert_eq!(env.sim.stats().billed_calls, 1);
+    for id in ["small-1", "small-2"] {
+        let m = manifest(&env, id).await;
+        assert_eq!(m["source_masks"]["status"], "aligned", "{m}");
+        let (pw, ph) = (
+            m["prepared"]["width"].as_u64().unwrap(),
+            m["prepared"]["height"].as_u64().unwrap(),
+        );
+        let found: Vec<_> = m["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s.get("key").is_some())
+            .collect();
+        assert!(!found.is_empty(), "{m}");
+        for s in found {
+            let (w, h) = (s["width"].as_u64().unwrap(), s["height"].as_u64().unwrap());
+            assert_eq!((w, h), (pw / 2, ph / 2), "{s}");
+            assert_eq!(
+                s["problem"].as_str().unwrap(),
+                format!("size_mismatch: {w}x{h}, prepared image is {pw}x{ph}"),
+                "{s}"
+            );
+            assert!(s.get("aligned").is_none(), "aligned as if it matched: {s}");
+        }
+    }
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// Job ids holding the local store's own names (`.kling-tmp-`,
+/// `.kling-meta`) are dead-lettered at parse with `job_invalid_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_ids_holding_the_archives_own_names_are_dead_lettered() {
+    let env = TestEnv::new(Backend::Local).await;
+    let mut w = env.start_worker(env.config(), Hooks::default());
+    for id in ["x.kling-tmp-0123", "y.kling-meta"] {
+        env.publish_json(serde_json::json!({"job_id": id, "image_base64": b64(&jpeg(400, 400))}))
+            .await;
+    }
+    for e in w.settled(2, Duration::from_secs(60)).await {
+        match e {
+            JobEvent::DeadLettered { code, reason, .. } => {
+                assert_eq!(code, "job_invalid_id");
+                assert!(reason.contains("reserved"), "{reason}");
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(env.sim.stats().recognize_calls, 0);
+    w.stop().await;
     env.cleanup().await;
 }

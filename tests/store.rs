@@ -207,6 +207,39 @@ async fn conditional_create_has_exactly_one_winner(store: Store) {
     }
 }
 
+/// Eight writers race to create one key, each with its own body and
+/// metadata: the object and its metadata are the winner's, whoever lost
+/// (a loser once wrote its metadata before losing the link, local store).
+async fn the_losers_of_a_create_race_leave_no_metadata(store: Store) {
+    for round in 0..20 {
+        let k = key(&format!("jobs/race-{round}/manifest.json"));
+        let results = futures::future::join_all((0..8).map(|i| {
+            let body = Bytes::from(format!("{{\"writer\":{i}}}"));
+            let mut m = json_meta(&body);
+            m.metadata.insert("writer".into(), i.to_string());
+            let store = store.clone();
+            let k = k.clone();
+            async move { (i, store.put_if_absent(&k, body, &m).await.unwrap()) }
+        }))
+        .await;
+        let winners: Vec<_> = results
+            .iter()
+            .filter(|(_, c)| *c == Created::Yes)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        let w = winners[0];
+        let info = store.head(&k).await.unwrap().expect("created");
+        assert_eq!(
+            info.metadata.get("writer"),
+            Some(&w.to_string()),
+            "round {round}: the metadata of a writer that lost"
+        );
+        let body = store.get(&k).await.unwrap().unwrap();
+        assert_eq!(body, Bytes::from(format!("{{\"writer\":{w}}}")));
+    }
+}
+
 /// `replace_versioned` is a compare-and-swap on the version token.
 async fn replace_versioned_is_compare_and_swap(store: Store) {
     let k = key("leases/cas.json");
@@ -339,6 +372,7 @@ for_each_backend!(
     large_objects_round_trip,
     full_keys_carry_the_prefix,
     conditional_create_has_exactly_one_winner,
+    the_losers_of_a_create_race_leave_no_metadata,
     replace_versioned_is_compare_and_swap,
     leases_are_claimed_renewed_taken_over_once_and_released,
 );

@@ -5,8 +5,16 @@
 //! `<root>/.kling-meta/<key>.json`. Writes go to a temporary file in the
 //! same directory, are fsynced, then renamed (or hard-linked, for
 //! create-if-absent) into place, and the directory is fsynced: an object is
-//! either absent or whole. The metadata is written before the object, so an
-//! object that exists always has its metadata.
+//! either absent or whole. Every directory the store creates has its parent
+//! fsynced too ([`create_dirs`]), so a power cut cannot lose a new
+//! `jobs/<id>/` with the acked manifest in it.
+//!
+//! Metadata: a plain `put` writes it before the object, so a replaced
+//! object always has metadata. A create-if-absent writes it only after its
+//! hard link won: a writer that lost never touches the winner's metadata.
+//! (A crash between the link and the metadata leaves the object without
+//! metadata, read as none; nothing the worker decides reads the metadata of
+//! a create-if-absent object.)
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -66,11 +74,19 @@ impl LocalStore {
         })
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
         blocking(move || {
-            if if_absent && path.exists() {
+            if !if_absent {
+                write_atomic(&meta_path, &meta_json, false)?;
+                return write_atomic(&path, &body, false);
+            }
+            if path.exists() {
                 return Ok(Created::AlreadyExisted);
             }
-            write_atomic(&meta_path, &meta_json, false)?;
-            write_atomic(&path, &body, if_absent)
+            // The link decides; only its winner writes metadata.
+            let created = write_atomic(&path, &body, true)?;
+            if created == Created::Yes {
+                write_atomic(&meta_path, &meta_json, false)?;
+            }
+            Ok(created)
         })
         .await
     }
@@ -185,7 +201,7 @@ fn write_atomic(path: &Path, data: &[u8], if_absent: bool) -> Result<Created, St
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("key has no parent directory"))?;
-    fs::create_dir_all(dir)?;
+    create_dirs(dir, &mut sync_dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -206,11 +222,42 @@ fn write_atomic(path: &Path, data: &[u8], if_absent: bool) -> Result<Created, St
             fs::rename(&tmp, path)?;
             Created::Yes
         };
-        fs::File::open(dir)?.sync_all()?;
+        sync_dir(dir)?;
         Ok(created)
     })();
     let _ = fs::remove_file(&tmp);
     Ok(result?)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// `create_dir_all`, durably: each directory it creates has its parent
+/// synced with `sync` (outermost first), since a new directory entry lives
+/// in its parent. Returns the directories created.
+fn create_dirs(
+    dir: &Path,
+    sync: &mut impl FnMut(&Path) -> std::io::Result<()>,
+) -> std::io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    fs::create_dir_all(dir)?;
+    missing.reverse();
+    for d in &missing {
+        match d.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync(parent)?,
+            _ => sync(Path::new("."))?,
+        }
+    }
+    Ok(missing)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -314,7 +361,7 @@ struct FileLock(fs::File);
 impl FileLock {
     fn take(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+            create_dirs(dir, &mut sync_dir)?;
         }
         let f = fs::OpenOptions::new()
             .create(true)
@@ -329,5 +376,60 @@ impl FileLock {
 impl Drop for FileLock {
     fn drop(&mut self) {
         let _ = self.0.unlock();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The walk syncs the parent of every directory it made, outermost
+    /// first, and nothing once they exist.
+    #[test]
+    fn creating_directories_syncs_the_parent_of_each_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("arch");
+        let deep = root.join("jobs").join("j-1");
+        let mut synced = Vec::new();
+        let made = create_dirs(&deep, &mut |p: &Path| {
+            synced.push(p.to_path_buf());
+            sync_dir(p)
+        })
+        .unwrap();
+        assert!(deep.is_dir());
+        assert_eq!(made, vec![root.clone(), root.join("jobs"), deep.clone()]);
+        assert_eq!(
+            synced,
+            vec![tmp.path().to_path_buf(), root.clone(), root.join("jobs")]
+        );
+
+        synced.clear();
+        let again = create_dirs(&deep, &mut |p: &Path| {
+            synced.push(p.to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        assert!(again.is_empty() && synced.is_empty(), "{synced:?}");
+
+        // A sibling under an existing parent: only that parent is synced.
+        let sibling = root.join("jobs").join("j-2");
+        create_dirs(&sibling, &mut |p: &Path| {
+            synced.push(p.to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(synced, vec![root.join("jobs")]);
+    }
+
+    /// A failing directory sync fails the write instead of being ignored.
+    #[test]
+    fn a_failed_directory_sync_fails_the_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("x").join("y");
+        let err = create_dirs(&dir, &mut |_: &Path| {
+            Err(std::io::Error::other("disk gone"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "disk gone");
     }
 }

@@ -16,8 +16,19 @@ use serde_json::Value;
 use super::SegmentType;
 use super::codes::KlingError;
 
+/// The most segments read from one answer. Kling's answers list a handful
+/// (four types today); about 15,000 entries fit in the 1 MiB an answer may
+/// be. Entries past the cap stay in the raw answer, unread, and the
+/// answer's [`Recognition::problem`] says so: the job archives the first
+/// ones and never downloads the rest.
+pub const MAX_SEGMENTS: usize = 64;
+
 /// A successful (billed) recognition: what Kling billed and where the masks are.
+///
+/// Read back from a stored record through the same cap as a fresh answer
+/// ([`MAX_SEGMENTS`]), so no stored record can make a job download more.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredRecognition")]
 pub struct Recognition {
     pub request_id: String,
     pub final_unit_deduction: String,
@@ -29,6 +40,50 @@ pub struct Recognition {
     /// The answer's JSON body as Kling sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<Value>,
+}
+
+/// A [`Recognition`] as stored, before the segment cap.
+#[derive(Deserialize)]
+struct StoredRecognition {
+    request_id: String,
+    final_unit_deduction: String,
+    segments: Vec<SegmentResult>,
+    #[serde(default)]
+    problem: Option<String>,
+    #[serde(default)]
+    raw: Option<Value>,
+}
+
+impl From<StoredRecognition> for Recognition {
+    fn from(s: StoredRecognition) -> Self {
+        let (segments, over) = cap_segments(s.segments);
+        Recognition {
+            request_id: s.request_id,
+            final_unit_deduction: s.final_unit_deduction,
+            segments,
+            problem: s.problem.or(over),
+            raw: s.raw,
+        }
+    }
+}
+
+/// The first [`MAX_SEGMENTS`] entries, and the problem to record when
+/// there were more.
+fn cap_segments<T>(mut entries: Vec<T>) -> (Vec<T>, Option<String>) {
+    let listed = entries.len();
+    if listed <= MAX_SEGMENTS {
+        return (entries, None);
+    }
+    entries.truncate(MAX_SEGMENTS);
+    (entries, Some(too_many_segments(listed)))
+}
+
+fn too_many_segments(listed: usize) -> String {
+    format!(
+        "too_many_segments: the answer lists {listed} segments, over the cap of \
+         {MAX_SEGMENTS}; only the first {MAX_SEGMENTS} are archived, the rest are \
+         in the raw answer of the recognition record"
+    )
 }
 
 impl Recognition {
@@ -106,7 +161,11 @@ pub(crate) fn parse_answer(
         .and_then(|t| t.get("images"));
     let (segments, problem) = match (data, images) {
         (None | Some(Value::Null), _) => (Vec::new(), Some("code 0 without data".to_owned())),
-        (_, Some(Value::Array(images))) => (images.iter().map(segment).collect(), None),
+        (_, Some(Value::Array(images))) => {
+            let read = images.iter().take(MAX_SEGMENTS).map(segment).collect();
+            let over = (images.len() > MAX_SEGMENTS).then(|| too_many_segments(images.len()));
+            (read, over)
+        }
         (_, None) => (Vec::new(), Some("no data.task_result.images".to_owned())),
         (_, Some(_)) => (
             Vec::new(),
@@ -280,6 +339,46 @@ mod tests {
         assert!(s[1].kind.as_str().starts_with("___x_y-x"), "{}", s[1].kind);
         assert_eq!(s[2].problem.as_deref(), Some("is_contain without url"));
         assert!(s[3].problem.is_some());
+    }
+
+    /// 10,000 entries (hostile, and billed): the first MAX_SEGMENTS are
+    /// read, the answer says why, the raw body keeps them all; a stored
+    /// record read back goes through the same cap.
+    #[test]
+    fn an_answer_over_the_segment_cap_is_kept_with_a_problem_and_read_only_up_to_it() {
+        let images: Vec<Value> = (0..10_000)
+            .map(|i| serde_json::json!({"type":"object_seg","is_contain":true,"url":format!("https://cdn.klingai.com/{i}.png")}))
+            .collect();
+        let body = serde_json::json!({"code":0,"request_id":"r-many","data":{"final_unit_deduction":"1","task_result":{"images":images}}});
+        let r = parse_answer(200, body.to_string().as_bytes(), None).unwrap();
+        assert_eq!(r.segments.len(), MAX_SEGMENTS);
+        let problem = r.problem.clone().unwrap();
+        assert!(problem.starts_with("too_many_segments"), "{problem}");
+        assert!(problem.contains("10000"), "{problem}");
+        assert!(r.is_broken());
+        let raw = r.raw.as_ref().unwrap();
+        assert_eq!(
+            raw["data"]["task_result"]["images"]
+                .as_array()
+                .unwrap()
+                .len(),
+            10_000
+        );
+        assert_eq!(r.segments[63].url.as_ref().unwrap().path(), "/63.png");
+
+        // A record stored without the cap (an older worker) reads back capped.
+        let mut uncapped = serde_json::to_value(&r).unwrap();
+        uncapped["problem"] = Value::Null;
+        let entry = uncapped["segments"][0].clone();
+        uncapped["segments"] = Value::Array(vec![entry; 500]);
+        let back: Recognition = serde_json::from_value(uncapped).unwrap();
+        assert_eq!(back.segments.len(), MAX_SEGMENTS);
+        assert!(back.problem.unwrap().contains("500"));
+        // Under the cap nothing changes, and a round trip is exact.
+        let again: Recognition = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(again, r);
+        let (few, none) = cap_segments(vec![1, 2, 3]);
+        assert_eq!((few.len(), none), (3, None));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Pipeline, PipelineError};
 use crate::archive::{ObjectKey, Store};
-use crate::download::Png;
+use crate::download::DownloadError;
 use crate::error::{Classify, Disposition};
 use crate::health::{Dependency, Outages};
 
@@ -55,24 +55,21 @@ impl Pipeline {
         }
     }
 
-    /// Download one segment; a transient failure that a probe of the CDN
-    /// confirms is an outage of the CDN, not of this job.
-    pub(super) async fn download_segment(&self, url: &url::Url) -> Result<Png, PipelineError> {
-        match self.downloader.download(url).await {
-            Ok(png) => Ok(png),
-            Err(e) if e.disposition() == Disposition::Transient => {
-                self.outages.note_cdn_origin(url);
-                let down = self
-                    .outages
-                    .confirm(Dependency::Cdn, || self.probe_cdn())
-                    .await;
-                Err(if down {
-                    PipelineError::DependencyDown(Dependency::Cdn)
-                } else {
-                    e.into()
-                })
-            }
-            Err(e) => Err(e.into()),
+    /// A segment download failed: a transient failure that a probe of the
+    /// CDN confirms is an outage of the CDN, not of this job.
+    pub(super) async fn download_failed(&self, url: &url::Url, e: DownloadError) -> PipelineError {
+        if e.disposition() != Disposition::Transient {
+            return e.into();
+        }
+        self.outages.note_cdn_origin(url);
+        let down = self
+            .outages
+            .confirm(Dependency::Cdn, || self.probe_cdn())
+            .await;
+        if down {
+            PipelineError::DependencyDown(Dependency::Cdn)
+        } else {
+            e.into()
         }
     }
 

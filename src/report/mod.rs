@@ -311,7 +311,13 @@ async fn job_card(store: &Store, index: usize, m: Manifest) -> Card {
     for s in &m.segments {
         // The mask on the source's own grid when the worker stored one
         // (placed as it is), else Kling's (placed through the transforms).
+        // A segment with a problem (a mask of the wrong size) is named on
+        // the card, never drawn as if it fitted.
+        if let Some(p) = &s.problem {
+            problems.push(format!("{}: {p}", s.kind));
+        }
         let png = match (&s.aligned, &s.key, s.is_contain) {
+            _ if s.problem.is_some() => None,
             (Some(a), _, true) => Some((fetch(a.key.clone()).await, true)),
             (None, Some(key), true) => Some((fetch(key.clone()).await, false)),
             _ => None,

@@ -33,6 +33,15 @@ pub enum Fault {
     /// A real, billed recognition (HTTP 200, code 0, a `request_id`) whose
     /// first contained segment has a URL that does not parse.
     BadSegmentUrl,
+    /// A real, billed recognition listing this many segments in all
+    /// (`{"many_segments":10000}`): the real ones, then contained copies of
+    /// the first contained one (downloadable, up to 200), then contained
+    /// entries whose URL does not parse, short enough that 10,000 stay
+    /// under Kling's 1 MiB answer.
+    ManySegments(usize),
+    /// A real, billed recognition whose masks are half the size (each
+    /// side) of the image that was sent.
+    WrongSizeMasks,
 }
 
 /// The random part of a [`FaultsUpdate`].

@@ -15,6 +15,7 @@ mod auth;
 mod cdn;
 mod conn;
 mod faults;
+mod hostile;
 mod masks;
 mod spec;
 #[cfg(test)]
@@ -305,20 +306,10 @@ impl Answer {
                 message: None,
                 data: DataField::Omitted,
             },
-            // Built from a real recognition in `Shared::faulty`.
-            Fault::BadSegmentUrl => Answer::code(5000),
-        }
-    }
-
-    /// Make the first contained segment's URL unparseable.
-    fn break_first_url(&mut self) {
-        if let Answer::Json {
-            data: DataField::Success(d),
-            ..
-        } = self
-            && let Some(img) = d.task_result.images.iter_mut().find(|i| i.is_contain)
-        {
-            img.url = "http://exa mple.invalid/%%broken".into();
+            // Built from a real recognition in `sim::hostile`.
+            Fault::BadSegmentUrl | Fault::ManySegments(_) | Fault::WrongSizeMasks => {
+                Answer::code(5000)
+            }
         }
     }
 
@@ -516,21 +507,27 @@ impl Shared {
     }
 
     async fn faulty(&self, fault: Fault, body: Result<Bytes, BytesRejection>) -> Answer {
-        if fault == Fault::BadSegmentUrl {
-            let mut answer = self.recognize(body).await;
-            answer.break_first_url();
-            return answer;
+        match fault {
+            Fault::BadSegmentUrl | Fault::ManySegments(_) | Fault::WrongSizeMasks => {
+                hostile::billed(self, fault, body).await
+            }
+            other => Answer::fault(other),
         }
-        Answer::fault(fault)
     }
 
     async fn recognize(&self, body: Result<Bytes, BytesRejection>) -> Answer {
+        self.recognize_scaled(body, 1).await
+    }
+
+    /// Recognize, with masks cut from the image shrunk `shrink` times each side.
+    async fn recognize_scaled(&self, body: Result<Bytes, BytesRejection>, shrink: u32) -> Answer {
         let image = match parse_body(body) {
             Ok(image) => image,
             Err(answer) => return answer,
         };
         let work = tokio::task::spawn_blocking(move || {
-            spec::accept(&image).map(|accepted| masks::segment(&accepted.image, &accepted.sha256))
+            spec::accept(&image)
+                .map(|a| masks::segment(&hostile::shrunk(a.image, shrink), &a.sha256))
         });
         match work.await {
             Ok(Ok(Ok(segments))) => Answer::Json {
