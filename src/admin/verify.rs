@@ -248,6 +248,13 @@ struct Checked {
     problem: Option<(&'static str, String)>,
 }
 
+impl Checked {
+    const MISSING: Self = Self {
+        bytes: 0,
+        problem: Some(("missing", String::new())),
+    };
+}
+
 /// `--quick`: the object's size and its `sha256` metadata, no download.
 async fn check_metadata(
     store: &Store,
@@ -255,10 +262,7 @@ async fn check_metadata(
     exp: &Expected,
 ) -> Result<Checked, StoreError> {
     let Some(info) = store.head(obj).await? else {
-        return Ok(Checked {
-            bytes: 0,
-            problem: Some(("missing", String::new())),
-        });
+        return Ok(Checked::MISSING);
     };
     let problem = if exp.bytes.is_some_and(|b| b != info.size) {
         Some((
@@ -291,10 +295,7 @@ async fn check_content(
     exp: &Expected,
 ) -> Result<Checked, StoreError> {
     let Some(body) = store.get(obj).await? else {
-        return Ok(Checked {
-            bytes: 0,
-            problem: Some(("missing", String::new())),
-        });
+        return Ok(Checked::MISSING);
     };
     let bytes = body.len() as u64;
     let got = tokio::task::spawn_blocking(move || Sha256::of(&body))
