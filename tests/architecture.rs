@@ -143,18 +143,11 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// `(path, module, source)` of every module file under `src/`.
 fn sources() -> Vec<(String, String, String)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = root.join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    files.sort();
-    files
+    all_sources()
         .into_iter()
-        .filter_map(|path| {
-            let rel = path.strip_prefix(&src).ok()?.to_owned();
-            let module = module_of(&rel)?;
-            let source = std::fs::read_to_string(&path).ok()?;
-            Some((format!("src/{}", rel.display()), module, source))
+        .filter_map(|(path, source)| {
+            let module = module_of(Path::new(path.strip_prefix("src/")?))?;
+            Some((path, module, source))
         })
         .collect()
 }
