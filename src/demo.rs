@@ -7,6 +7,7 @@
 //! make (`archive.rs`).
 
 mod archive;
+mod samples;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,106 +22,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::{ArchiveTarget, ObjectKey, Store};
-use crate::broker::JobEvent;
-use crate::config::{DEMO_ARCHIVE, DemoArgs, WorkerArgs};
+use crate::broker::{JobEvent, Topology};
+use crate::config::{Config, DEMO_ARCHIVE, DemoArgs, WorkerArgs};
 use crate::manifest::Manifest;
 use crate::pipeline::Outcome;
-use crate::sim::{SimConfig, Simulator};
+use crate::sim::{SimConfig, SimHandle, Simulator};
 use crate::worker::Worker;
 
-/// A generated sample and what the demo expects of it.
-pub struct Sample {
-    pub job_id: &'static str,
-    pub what: &'static str,
-    pub bytes: Vec<u8>,
-}
-
-/// Sample images: in spec, out of spec in each fixable way, and one broken.
-pub fn samples() -> Vec<Sample> {
-    vec![
-        Sample {
-            job_id: "demo-in-spec-jpeg",
-            what: "800x1000 JPEG, in spec: sent untouched",
-            bytes: encode(&scene(800, 1000, 1), image::ImageFormat::Jpeg),
-        },
-        Sample {
-            job_id: "demo-in-spec-png",
-            what: "640x480 PNG, in spec: sent untouched",
-            bytes: encode(&scene(640, 480, 2), image::ImageFormat::Png),
-        },
-        Sample {
-            job_id: "demo-thumbnail",
-            what: "200x150 PNG: upscaled to 300 px",
-            bytes: encode(&scene(200, 150, 3), image::ImageFormat::Png),
-        },
-        Sample {
-            job_id: "demo-panorama",
-            what: "2000x500 JPEG (4:1): padded to 2.5:1",
-            bytes: encode(&scene(2000, 500, 4), image::ImageFormat::Jpeg),
-        },
-        Sample {
-            job_id: "demo-webp",
-            what: "600x600 WebP: re-encoded to JPEG",
-            bytes: encode(&scene(600, 600, 5), image::ImageFormat::WebP),
-        },
-        Sample {
-            job_id: "demo-rotated",
-            what: "phone photo stored sideways (EXIF orientation 6): turned upright",
-            bytes: with_exif_orientation(
-                &encode(
-                    &image::DynamicImage::ImageRgb8(scene(480, 640, 6))
-                        .rotate270()
-                        .into_rgb8(),
-                    image::ImageFormat::Jpeg,
-                ),
-                6,
-            ),
-        },
-        Sample {
-            job_id: "demo-broken",
-            what: "a truncated JPEG: dead-lettered",
-            bytes: broken_jpeg(),
-        },
-    ]
-}
-
-pub use crate::prepare::with_exif_orientation;
-
-/// A simple scene: a gradient background and a coloured "subject" with a
-/// "head", so the simulator's masks have something to find.
-pub fn scene(w: u32, h: u32, seed: u8) -> image::RgbImage {
-    let (cx, cy) = (w as f32 / 2.0, h as f32 * 0.6);
-    let (rx, ry) = (w as f32 * 0.22, h as f32 * 0.3);
-    let (hx, hy, hr) = (cx, h as f32 * 0.22, (w.min(h) as f32) * 0.12);
-    image::RgbImage::from_fn(w, h, |x, y| {
-        let (fx, fy) = (x as f32, y as f32);
-        let body = ((fx - cx) / rx).powi(2) + ((fy - cy) / ry).powi(2) <= 1.0;
-        let head = (fx - hx).powi(2) + (fy - hy).powi(2) <= hr * hr;
-        if head {
-            image::Rgb([230, 180, 150])
-        } else if body {
-            image::Rgb([40u8.wrapping_add(seed * 30), 60, 170])
-        } else {
-            let g = (200.0 + 40.0 * fy / h as f32) as u8;
-            image::Rgb([g, g, g.saturating_sub(seed)])
-        }
-    })
-}
-
-fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    // Encoding a generated in-memory image cannot fail for these formats.
-    if let Err(e) = img.write_to(&mut out, format) {
-        unreachable!("encoding a generated sample failed: {e}");
-    }
-    out.into_inner()
-}
-
-fn broken_jpeg() -> Vec<u8> {
-    let mut b = encode(&scene(640, 480, 6), image::ImageFormat::Jpeg);
-    b.truncate(400);
-    b
-}
+pub use self::samples::{Sample, samples, scene, with_exif_orientation};
 
 pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> {
     crate::build_info::warn_if_slow();
@@ -131,33 +40,8 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         Some(dir) => ArchiveTarget::Local(dir.clone()),
         None => target,
     };
-    let access_key = format!("demo-ak-{:08x}", fastrand::u32(..));
-    let secret_key = format!(
-        "demo-sk-{:016x}{:016x}",
-        fastrand::u64(..),
-        fastrand::u64(..)
-    );
-    let mut sim_cfg = SimConfig::new(access_key.clone(), secret_key.clone());
-    sim_cfg.latency = Duration::from_millis(args.latency_ms);
-    let sim = Simulator::start(sim_cfg)
-        .await
-        .context("starting the Kling simulator")?;
-
-    let queue = format!(
-        "kling.demo.{}-{:04x}",
-        std::process::id(),
-        fastrand::u16(..)
-    );
-    let mut config = worker_args
-        .into_config_with_keys(access_key, secret_key.into())
-        .context("demo configuration")?;
-    config.queue = queue.clone();
-    config.concurrency = 4;
-    config.kling.base_url = url::Url::parse(&sim.base_url())?;
-    config.kling.min_backoff = Duration::from_millis(200);
-    config.archive = target;
-    config.result_hosts = vec![sim.result_host()];
-    config.shutdown_timeout = Duration::from_secs(10);
+    let (sim, keys) = start_simulator(args.latency_ms).await?;
+    let config = demo_config(worker_args, &sim, target, keys)?;
 
     println!("kling-archiver demo");
     println!(
@@ -165,7 +49,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         sim.base_url(),
         args.latency_ms
     );
-    println!("  RabbitMQ queue   {queue} (removed at the end)");
+    println!("  RabbitMQ queue   {} (removed at the end)", config.queue);
     println!("  archive          {}", claimed.store.describe());
     println!();
 
@@ -173,12 +57,77 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         .await
         .context("RabbitMQ is not reachable at AMQP_URL; start it (e.g. `rabbitmq-server -detached`) and retry")?;
     let ch = conn.create_channel().await?;
-    let topology = crate::broker::Topology::of(&config);
+    let topology = Topology::of(&config);
     topology.declare(&ch).await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-
     let samples = samples();
-    for s in &samples {
+    publish(&ch, &config.queue, &samples).await?;
+    println!("published {} jobs; processing…", samples.len());
+
+    let (events, store) = process(config, samples.len()).await?;
+    remove_topology(&ch, &topology).await?;
+    let _ = conn.close(200, "demo done".into()).await;
+
+    print_summary(&samples, &events, &store, &sim).await;
+    sim.shutdown();
+    write_report(&mut claimed, &store, &events).await?;
+    claimed.finish().await?;
+    Ok(())
+}
+
+/// The demo's own Kling keys, minted fresh for each run.
+struct DemoKeys {
+    access_key: String,
+    secret_key: String,
+}
+
+/// An in-process Kling simulator that knows only the demo's fresh keys.
+async fn start_simulator(latency_ms: u64) -> anyhow::Result<(SimHandle, DemoKeys)> {
+    let keys = DemoKeys {
+        access_key: format!("demo-ak-{:08x}", fastrand::u32(..)),
+        secret_key: format!(
+            "demo-sk-{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        ),
+    };
+    let mut sim_cfg = SimConfig::new(keys.access_key.clone(), keys.secret_key.clone());
+    sim_cfg.latency = Duration::from_millis(latency_ms);
+    let sim = Simulator::start(sim_cfg)
+        .await
+        .context("starting the Kling simulator")?;
+    Ok((sim, keys))
+}
+
+/// The worker's configuration pointed at the simulator, a private queue
+/// and the claimed archive.
+fn demo_config(
+    worker_args: WorkerArgs,
+    sim: &SimHandle,
+    target: ArchiveTarget,
+    keys: DemoKeys,
+) -> anyhow::Result<Config> {
+    let queue = format!(
+        "kling.demo.{}-{:04x}",
+        std::process::id(),
+        fastrand::u16(..)
+    );
+    let mut config = worker_args
+        .into_config_with_keys(keys.access_key, keys.secret_key.into())
+        .context("demo configuration")?;
+    config.queue = queue;
+    config.concurrency = 4;
+    config.kling.base_url = url::Url::parse(&sim.base_url())?;
+    config.kling.min_backoff = Duration::from_millis(200);
+    config.archive = target;
+    config.result_hosts = vec![sim.result_host()];
+    config.shutdown_timeout = Duration::from_secs(10);
+    Ok(config)
+}
+
+/// Publish each sample as an inline job, confirmed by the broker.
+async fn publish(ch: &lapin::Channel, queue: &str, samples: &[Sample]) -> anyhow::Result<()> {
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    for s in samples {
         let body = serde_json::json!({
             "job_id": s.job_id,
             "image_base64": base64::engine::general_purpose::STANDARD.encode(&s.bytes),
@@ -187,7 +136,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         let confirm = ch
             .basic_publish(
                 "".into(),
-                queue.clone().into(),
+                queue.into(),
                 BasicPublishOptions::default(),
                 body.to_string().as_bytes(),
                 BasicProperties::default()
@@ -200,8 +149,12 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
             bail!("RabbitMQ did not confirm the demo job {}", s.job_id);
         }
     }
-    println!("published {} jobs; processing…", samples.len());
+    Ok(())
+}
 
+/// Run the real worker until `jobs` jobs have settled (archived or
+/// dead-lettered), then stop it. Returns their events and the archive.
+async fn process(config: Config, jobs: usize) -> anyhow::Result<(Vec<JobEvent>, Store)> {
     let pipeline = Arc::new(crate::worker::build_pipeline(&config).await?);
     let store = pipeline.store().clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -214,7 +167,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
 
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    while events.len() < samples.len() {
+    while events.len() < jobs {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(JobEvent::Requeued { .. })) => {}
             Ok(Some(JobEvent::Fatal { reason, .. })) => {
@@ -223,19 +176,22 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
             }
             Ok(Some(e)) => events.push(e),
             Ok(None) => bail!("the worker stopped early: {:?}", worker.await),
-            Err(_) => bail!(
-                "timed out: {} of {} jobs settled",
-                events.len(),
-                samples.len()
-            ),
+            Err(_) => bail!("timed out: {} of {jobs} jobs settled", events.len()),
         }
     }
     shutdown.cancel();
     worker.await?.context("worker")?;
+    Ok((events, store))
+}
 
-    // Leave nothing behind on the broker.
-    ch.queue_delete(queue.clone().into(), QueueDeleteOptions::default())
-        .await?;
+/// Leave nothing behind on the broker: the queues and exchanges the
+/// topology declared.
+async fn remove_topology(ch: &lapin::Channel, topology: &Topology) -> anyhow::Result<()> {
+    ch.queue_delete(
+        topology.queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await?;
     ch.queue_delete(
         topology.dead_letter_queue().into(),
         QueueDeleteOptions::default(),
@@ -252,12 +208,17 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
         ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await?;
     }
-    let _ = conn.close(200, "demo done".into()).await;
+    Ok(())
+}
 
-    print_summary(&samples, &events, &store, &sim).await;
-    sim.shutdown();
-
-    // A picture of it: every job, its masks on the source.
+/// A picture of it: every job, its masks on the source, and the jobs that
+/// were dead-lettered with their reasons. Only into an archive the demo
+/// owns.
+async fn write_report(
+    claimed: &mut archive::Claimed,
+    store: &Store,
+    events: &[JobEvent],
+) -> anyhow::Result<()> {
     let failed = events
         .iter()
         .filter_map(|e| match e {
@@ -280,7 +241,7 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
     };
     match claimed.report_path() {
         Some(path) => {
-            let written = crate::report::write(&store, &opts, &path)
+            let written = crate::report::write(store, &opts, &path)
                 .await
                 .context("writing the HTML report")?;
             println!(
@@ -293,7 +254,6 @@ pub async fn run(worker_args: WorkerArgs, args: DemoArgs) -> anyhow::Result<()> 
             archive::REPORT
         ),
     }
-    claimed.finish().await?;
     Ok(())
 }
 
@@ -312,12 +272,7 @@ fn demo_target(worker: &WorkerArgs, args: &DemoArgs) -> anyhow::Result<ArchiveTa
     ArchiveTarget::parse(url).map_err(|e| anyhow::anyhow!("ARCHIVE_URL: {e}"))
 }
 
-async fn print_summary(
-    samples: &[Sample],
-    events: &[JobEvent],
-    store: &Store,
-    sim: &crate::sim::SimHandle,
-) {
+async fn print_summary(samples: &[Sample], events: &[JobEvent], store: &Store, sim: &SimHandle) {
     println!();
     let mut archived = 0;
     let mut dead = 0;

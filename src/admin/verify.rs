@@ -147,121 +147,165 @@ pub async fn run(store: &Store, opts: &Options) -> Result<Report, StoreError> {
         .into_iter()
         .filter(|k| k.as_str().ends_with("/manifest.json"))
         .collect();
-    let bar = if opts.progress {
-        let bar = indicatif::ProgressBar::new(manifests.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} manifests  ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress_bar(opts.progress, manifests.len());
     let mut report = Report {
         archive: store.describe(),
         ..Report::default()
     };
     for key in manifests {
         bar.inc(1);
-        let job_dir = key.as_str().trim_end_matches("/manifest.json");
-        let job_id = job_dir.trim_start_matches("jobs/").to_owned();
-        let finding = |key: &str, problem, detail: String| Finding {
-            job_id: job_id.clone(),
-            key: key.to_owned(),
-            problem,
-            detail,
-        };
-        let manifest: Manifest = match store.get(&key).await? {
-            None => continue, // deleted while we walked
-            Some(body) => match serde_json::from_slice(&body) {
-                Ok(m) => m,
-                Err(e) => {
-                    report.findings.push(finding(
-                        &store.full_key(&key),
-                        "unreadable_manifest",
-                        e.to_string(),
-                    ));
-                    continue;
-                }
-            },
-        };
-        if let Some(since) = &opts.since
-            && manifest
-                .archived_at
-                .get(..10)
-                .is_some_and(|day| day < since.as_str())
-        {
-            report.skipped_before_since += 1;
-            continue;
-        }
-        report.manifests += 1;
-        for (key, detail) in aligned_size_problems(&manifest) {
-            report
-                .findings
-                .push(finding(&key, "aligned_size_mismatch", detail));
-        }
-        for exp in expected(&manifest) {
-            let Some(obj) = store.relative_key(&exp.key) else {
-                report.findings.push(finding(
-                    &exp.key,
-                    "outside_archive",
-                    "the manifest names a key outside this archive".into(),
-                ));
-                continue;
-            };
-            report.objects_checked += 1;
-            if opts.quick {
-                match store.head(&obj).await? {
-                    None => report
-                        .findings
-                        .push(finding(&exp.key, "missing", String::new())),
-                    Some(info) => {
-                        report.bytes_checked += info.size;
-                        if exp.bytes.is_some_and(|b| b != info.size) {
-                            report.findings.push(finding(
-                                &exp.key,
-                                "size_mismatch",
-                                format!("{} bytes, manifest says {:?}", info.size, exp.bytes),
-                            ));
-                        } else if info.sha256().is_none() {
-                            report.findings.push(finding(
-                                &exp.key,
-                                "no_checksum",
-                                "no sha256 metadata; run without --quick".into(),
-                            ));
-                        } else if info.sha256() != Some(exp.sha256) {
-                            report.findings.push(finding(
-                                &exp.key,
-                                "sha256_mismatch",
-                                "metadata sha256 differs from the manifest".into(),
-                            ));
-                        }
-                    }
-                }
-            } else {
-                match store.get(&obj).await? {
-                    None => report
-                        .findings
-                        .push(finding(&exp.key, "missing", String::new())),
-                    Some(body) => {
-                        report.bytes_checked += body.len() as u64;
-                        let got = tokio::task::spawn_blocking(move || Sha256::of(&body))
-                            .await
-                            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-                        if got != exp.sha256 {
-                            report.findings.push(finding(
-                                &exp.key,
-                                "sha256_mismatch",
-                                format!("content hashes to {}", &got.hex()[..16]),
-                            ));
-                        }
-                    }
-                }
-            }
-        }
+        check_job(store, opts, &key, &mut report).await?;
     }
     bar.finish_and_clear();
     Ok(report)
+}
+
+fn progress_bar(show: bool, manifests: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(manifests as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} manifests  ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Check the manifest at `key` and every object it names, into `report`.
+async fn check_job(
+    store: &Store,
+    opts: &Options,
+    key: &ObjectKey,
+    report: &mut Report,
+) -> Result<(), StoreError> {
+    let job_dir = key.as_str().trim_end_matches("/manifest.json");
+    let job_id = job_dir.trim_start_matches("jobs/").to_owned();
+    let finding = |key: &str, problem, detail: String| Finding {
+        job_id: job_id.clone(),
+        key: key.to_owned(),
+        problem,
+        detail,
+    };
+    let manifest: Manifest = match store.get(key).await? {
+        None => return Ok(()), // deleted while we walked
+        Some(body) => match serde_json::from_slice(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                report.findings.push(finding(
+                    &store.full_key(key),
+                    "unreadable_manifest",
+                    e.to_string(),
+                ));
+                return Ok(());
+            }
+        },
+    };
+    if let Some(since) = &opts.since
+        && manifest
+            .archived_at
+            .get(..10)
+            .is_some_and(|day| day < since.as_str())
+    {
+        report.skipped_before_since += 1;
+        return Ok(());
+    }
+    report.manifests += 1;
+    for (key, detail) in aligned_size_problems(&manifest) {
+        report
+            .findings
+            .push(finding(&key, "aligned_size_mismatch", detail));
+    }
+    for exp in expected(&manifest) {
+        let Some(obj) = store.relative_key(&exp.key) else {
+            report.findings.push(finding(
+                &exp.key,
+                "outside_archive",
+                "the manifest names a key outside this archive".into(),
+            ));
+            continue;
+        };
+        report.objects_checked += 1;
+        let checked = if opts.quick {
+            check_metadata(store, &obj, &exp).await?
+        } else {
+            check_content(store, &obj, &exp).await?
+        };
+        report.bytes_checked += checked.bytes;
+        if let Some((problem, detail)) = checked.problem {
+            report.findings.push(finding(&exp.key, problem, detail));
+        }
+    }
+    Ok(())
+}
+
+/// What checking one object found: the bytes it covered, and a problem
+/// (`(problem, detail)`) if any.
+struct Checked {
+    bytes: u64,
+    problem: Option<(&'static str, String)>,
+}
+
+impl Checked {
+    const MISSING: Self = Self {
+        bytes: 0,
+        problem: Some(("missing", String::new())),
+    };
+}
+
+/// `--quick`: the object's size and its `sha256` metadata, no download.
+async fn check_metadata(
+    store: &Store,
+    obj: &ObjectKey,
+    exp: &Expected,
+) -> Result<Checked, StoreError> {
+    let Some(info) = store.head(obj).await? else {
+        return Ok(Checked::MISSING);
+    };
+    let problem = if exp.bytes.is_some_and(|b| b != info.size) {
+        Some((
+            "size_mismatch",
+            format!("{} bytes, manifest says {:?}", info.size, exp.bytes),
+        ))
+    } else if info.sha256().is_none() {
+        Some((
+            "no_checksum",
+            "no sha256 metadata; run without --quick".into(),
+        ))
+    } else if info.sha256() != Some(exp.sha256) {
+        Some((
+            "sha256_mismatch",
+            "metadata sha256 differs from the manifest".into(),
+        ))
+    } else {
+        None
+    };
+    Ok(Checked {
+        bytes: info.size,
+        problem,
+    })
+}
+
+/// The default: download the object and hash it, off the runtime.
+async fn check_content(
+    store: &Store,
+    obj: &ObjectKey,
+    exp: &Expected,
+) -> Result<Checked, StoreError> {
+    let Some(body) = store.get(obj).await? else {
+        return Ok(Checked::MISSING);
+    };
+    let bytes = body.len() as u64;
+    let got = tokio::task::spawn_blocking(move || Sha256::of(&body))
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    let problem = (got != exp.sha256).then(|| {
+        (
+            "sha256_mismatch",
+            format!("content hashes to {}", &got.hex()[..16]),
+        )
+    });
+    Ok(Checked { bytes, problem })
 }

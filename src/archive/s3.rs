@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 
 use super::{Created, ObjectInfo, ObjectKey, PutMeta, Sha256, StoreError};
@@ -98,7 +99,6 @@ impl S3Store {
         metadata: HashMap<String, String>,
         if_absent: bool,
     ) -> Result<Created, StoreError> {
-        use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
         let full = self.full_key(key);
         let create = self
             .client
@@ -118,35 +118,7 @@ impl S3Store {
             })?
             .to_owned();
         let upload = async {
-            let mut parts = Vec::new();
-            let mut start = 0;
-            let mut number = 1;
-            while start < body.len() {
-                let end = (start + PART_SIZE).min(body.len());
-                let part = body.slice(start..end);
-                let checksum = Sha256::of(&part).base64();
-                let out = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .upload_id(&upload_id)
-                    .part_number(number)
-                    .checksum_sha256(&checksum)
-                    .body(ByteStream::from(part))
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                parts.push(
-                    CompletedPart::builder()
-                        .part_number(number)
-                        .set_e_tag(out.e_tag().map(str::to_owned))
-                        .checksum_sha256(out.checksum_sha256().unwrap_or(&checksum))
-                        .build(),
-                );
-                start = end;
-                number += 1;
-            }
+            let parts = self.upload_parts(&full, &upload_id, &body).await?;
             let mut req = self
                 .client
                 .complete_multipart_upload()
@@ -176,6 +148,46 @@ impl S3Store {
                 .await;
         }
         result
+    }
+
+    /// Upload `body` in parts of `PART_SIZE`, each with its SHA-256, and
+    /// return them in order for the completing request.
+    async fn upload_parts(
+        &self,
+        full: &str,
+        upload_id: &str,
+        body: &Bytes,
+    ) -> Result<Vec<CompletedPart>, StoreError> {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let mut number = 1;
+        while start < body.len() {
+            let end = (start + PART_SIZE).min(body.len());
+            let part = body.slice(start..end);
+            let checksum = Sha256::of(&part).base64();
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(number)
+                .checksum_sha256(&checksum)
+                .body(ByteStream::from(part))
+                .send()
+                .await
+                .map_err(classify)?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_owned))
+                    .checksum_sha256(out.checksum_sha256().unwrap_or(&checksum))
+                    .build(),
+            );
+            start = end;
+            number += 1;
+        }
+        Ok(parts)
     }
 
     pub async fn get(&self, key: &ObjectKey) -> Result<Option<Bytes>, StoreError> {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use base64::Engine as _;
 
-use super::{Card, CardBody, Summary};
+use super::{Card, CardBody, JobView, Summary};
 
 /// Escape text for HTML element content and quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -221,89 +221,101 @@ fn job_card(h: &mut String, card: &Card) {
             );
         }
         CardBody::Archived(job) => {
-            if let Some(thumb) = &job.thumb {
-                let _ = write!(
-                    h,
-                    "<div class=\"stack\"><img src=\"{}\" width=\"{}\" height=\"{}\" alt=\"Source image of job {}\">",
-                    data_uri("image/jpeg", &thumb.jpeg),
-                    thumb.width,
-                    thumb.height,
-                    esc(&card.job_id)
-                );
-                for seg in &job.segments {
-                    if let Some(png) = &seg.overlay {
-                        let _ = write!(
-                            h,
-                            "<img class=\"ov\" data-kind=\"{k}\" src=\"{}\" alt=\"{k} mask, {:.0}% of the image\">",
-                            data_uri("image/png", png),
-                            seg.coverage * 100.0,
-                            k = esc(&seg.kind),
-                        );
-                    }
-                }
-                h.push_str("</div>\n");
-            }
-            let shown: Vec<_> = job
-                .segments
-                .iter()
-                .filter(|s| s.overlay.is_some())
-                .collect();
-            if !shown.is_empty() {
-                h.push_str("<fieldset class=\"toggles\"><legend>Show segment</legend>");
-                for seg in shown {
-                    let _ = write!(
-                        h,
-                        "<label><input type=\"checkbox\" checked data-kind=\"{k}\"><span class=\"swatch\" style=\"background:{c}\"></span>{k}</label>",
-                        k = esc(&seg.kind),
-                        c = hex(colour(&seg.kind)),
-                    );
-                }
-                h.push_str("</fieldset>\n");
-            }
-            let absent: Vec<String> = job
-                .segments
-                .iter()
-                .filter(|s| !s.found)
-                .map(|s| format!("{}: not found", esc(&s.kind)))
-                .collect();
-            if !absent.is_empty() {
-                let _ = writeln!(h, "<p class=\"absent\">{}</p>", absent.join(" · "));
-            }
-            let labels = job
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let _ = writeln!(
-                h,
-                "<dl class=\"meta\">\
-                 <dt>Labels</dt><dd>{labels}</dd>\
-                 <dt>Source</dt><dd>{source}</dd>\
-                 <dt>Sent</dt><dd>{sent}</dd>\
-                 <dt>Transforms</dt><dd>{transforms}</dd>\
-                 <dt>Cost</dt><dd>{cost}</dd>\
-                 <dt>Request</dt><dd><code>{request}</code></dd>\
-                 <dt>Archived</dt><dd>{at}</dd>\
-                 </dl>",
-                labels = if labels.is_empty() {
-                    "–".into()
-                } else {
-                    labels
-                },
-                source = esc(&job.source),
-                sent = esc(&job.sent),
-                transforms = esc(&job.transforms),
-                cost = esc(&job.cost),
-                request = esc(&job.request_id),
-                at = esc(&job.archived_at_shown),
-            );
+            picture(h, &card.job_id, job);
+            facts(h, job);
         }
     }
     for p in &card.problems {
         let _ = writeln!(h, "<p class=\"problem\">{}</p>", esc(p));
     }
     h.push_str("</article>\n");
+}
+
+/// The source thumbnail with its mask overlays stacked on it, and a
+/// toggle per segment type shown.
+fn picture(h: &mut String, job_id: &str, job: &JobView) {
+    if let Some(thumb) = &job.thumb {
+        let _ = write!(
+            h,
+            "<div class=\"stack\"><img src=\"{}\" width=\"{}\" height=\"{}\" alt=\"Source image of job {}\">",
+            data_uri("image/jpeg", &thumb.jpeg),
+            thumb.width,
+            thumb.height,
+            esc(job_id)
+        );
+        for seg in &job.segments {
+            if let Some(png) = &seg.overlay {
+                let _ = write!(
+                    h,
+                    "<img class=\"ov\" data-kind=\"{k}\" src=\"{}\" alt=\"{k} mask, {:.0}% of the image\">",
+                    data_uri("image/png", png),
+                    seg.coverage * 100.0,
+                    k = esc(&seg.kind),
+                );
+            }
+        }
+        h.push_str("</div>\n");
+    }
+    let shown: Vec<_> = job
+        .segments
+        .iter()
+        .filter(|s| s.overlay.is_some())
+        .collect();
+    if !shown.is_empty() {
+        h.push_str("<fieldset class=\"toggles\"><legend>Show segment</legend>");
+        for seg in shown {
+            let _ = write!(
+                h,
+                "<label><input type=\"checkbox\" checked data-kind=\"{k}\"><span class=\"swatch\" style=\"background:{c}\"></span>{k}</label>",
+                k = esc(&seg.kind),
+                c = hex(colour(&seg.kind)),
+            );
+        }
+        h.push_str("</fieldset>\n");
+    }
+}
+
+/// Segments not found, then the job's facts: labels, source, what was
+/// sent, transforms, cost, request id, when.
+fn facts(h: &mut String, job: &JobView) {
+    let absent: Vec<String> = job
+        .segments
+        .iter()
+        .filter(|s| !s.found)
+        .map(|s| format!("{}: not found", esc(&s.kind)))
+        .collect();
+    if !absent.is_empty() {
+        let _ = writeln!(h, "<p class=\"absent\">{}</p>", absent.join(" · "));
+    }
+    let labels = job
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        h,
+        "<dl class=\"meta\">\
+         <dt>Labels</dt><dd>{labels}</dd>\
+         <dt>Source</dt><dd>{source}</dd>\
+         <dt>Sent</dt><dd>{sent}</dd>\
+         <dt>Transforms</dt><dd>{transforms}</dd>\
+         <dt>Cost</dt><dd>{cost}</dd>\
+         <dt>Request</dt><dd><code>{request}</code></dd>\
+         <dt>Archived</dt><dd>{at}</dd>\
+         </dl>",
+        labels = if labels.is_empty() {
+            "–".into()
+        } else {
+            labels
+        },
+        source = esc(&job.source),
+        sent = esc(&job.sent),
+        transforms = esc(&job.transforms),
+        cost = esc(&job.cost),
+        request = esc(&job.request_id),
+        at = esc(&job.archived_at_shown),
+    );
 }
 
 #[cfg(test)]

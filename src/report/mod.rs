@@ -292,85 +292,28 @@ async fn read_manifests(store: &Store, opts: &Options) -> Result<Vec<Manifest>, 
     Ok(out)
 }
 
+/// A segment's mask as fetched: its kind, whether Kling found it, and for
+/// a found one the PNG (or why it could not be read) with whether it is
+/// already on the source's grid (an `aligned` mask).
+type FetchedMask = (String, bool, Option<(Result<bytes::Bytes, String>, bool)>);
+
 /// Fetch what a manifest names (a missing or unreadable object becomes a
 /// problem on the card) and draw the thumbnail and overlays.
 async fn job_card(store: &Store, index: usize, m: Manifest) -> Card {
-    let mut problems = Vec::new();
-    let fetch = |full: String| async move {
-        let key = store
-            .relative_key(&full)
-            .ok_or_else(|| format!("{full} is outside this archive"))?;
-        match store.get(&key).await {
-            Ok(Some(b)) => Ok(b),
-            Ok(None) => Err(format!("{full} is missing")),
-            Err(e) => Err(format!("{full} cannot be read: {e}")),
-        }
-    };
-    let source = fetch(m.source.key.clone()).await;
-    let mut masks = Vec::new();
-    for s in &m.segments {
-        // The mask on the source's own grid when the worker stored one
-        // (placed as it is), else Kling's (placed through the transforms).
-        // A segment with a problem (a mask of the wrong size) is named on
-        // the card, never drawn as if it fitted.
-        if let Some(p) = &s.problem {
-            problems.push(format!("{}: {p}", s.kind));
-        }
-        let png = match (&s.aligned, &s.key, s.is_contain) {
-            _ if s.problem.is_some() => None,
-            (Some(a), _, true) => Some((fetch(a.key.clone()).await, true)),
-            (None, Some(key), true) => Some((fetch(key.clone()).await, false)),
-            _ => None,
-        };
-        masks.push((s.kind.as_str().to_owned(), s.is_contain, png));
-    }
+    let (source, masks) = fetch_objects(store, &m).await;
     let record = m.prepared.transforms.clone();
     let on_source = TransformRecord::identity(m.source.width, m.source.height);
     let orientation = m.source.orientation;
-    let drawn = tokio::task::spawn_blocking(move || {
-        let mut problems = Vec::new();
-        let thumb = match source {
-            Err(p) => {
-                problems.push(p);
-                None
-            }
-            Ok(bytes) => match pixels::thumbnail(&bytes, orientation) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    problems.push(e.to_string());
-                    None
-                }
-            },
-        };
-        let mut segments = Vec::new();
-        for (kind, found, png) in masks {
-            let mut view = SegmentView {
-                kind,
-                found,
-                overlay: None,
-                coverage: 0.0,
-            };
-            match (png, &thumb) {
-                (Some((Err(p), _)), _) => problems.push(p),
-                (Some((Ok(png), aligned)), Some((_, frame))) => {
-                    let record = if aligned { &on_source } else { &record };
-                    let drawn = pixels::read_mask(&png).and_then(|mask| {
-                        let ov = pixels::overlay(&mask, record, frame);
-                        view.coverage = pixels::coverage(&ov);
-                        pixels::overlay_png(&ov, html::colour(&view.kind), OVERLAY_ALPHA)
-                    });
-                    match drawn {
-                        Ok(png) => view.overlay = Some(png),
-                        Err(e) => problems.push(format!("{}: {e}", view.kind)),
-                    }
-                }
-                _ => {}
-            }
-            segments.push(view);
-        }
-        (thumb.map(|(t, _)| t), segments, problems)
-    })
-    .await;
+    let drawn =
+        tokio::task::spawn_blocking(move || draw(source, orientation, masks, &record, &on_source))
+            .await;
+    // A segment with a problem (a mask of the wrong size) is named on the
+    // card, never drawn as if it fitted (see `fetch_objects`).
+    let mut problems: Vec<String> = m
+        .segments
+        .iter()
+        .filter_map(|s| Some(format!("{}: {}", s.kind, s.problem.as_ref()?)))
+        .collect();
     let (thumb, segments) = match drawn {
         Ok((thumb, segments, mut p)) => {
             problems.append(&mut p);
@@ -385,58 +328,147 @@ async fn job_card(store: &Store, index: usize, m: Manifest) -> Card {
         index,
         job_id: m.job_id.clone(),
         problems,
-        body: CardBody::Archived(Box::new(JobView {
-            thumb,
-            segments,
-            labels: m
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            source: format!(
-                "{} · {} {}×{}{} · {}",
-                m.source.uri,
-                m.source.format.extension(),
-                m.source.width,
-                m.source.height,
-                if m.source.orientation > 1 {
-                    format!(" (EXIF {})", m.source.orientation)
-                } else {
-                    String::new()
-                },
-                human_bytes(m.source.bytes)
-            ),
-            sent: format!(
-                "{} {}×{} · {}{}",
-                m.prepared.format.extension(),
-                m.prepared.width,
-                m.prepared.height,
-                human_bytes(m.prepared.bytes),
-                if m.prepared.passthrough {
-                    " (the source, untouched)"
-                } else {
-                    ""
+        body: CardBody::Archived(Box::new(job_view(&m, thumb, segments))),
+    }
+}
+
+/// The source and each found segment's mask: the mask on the source's own
+/// grid when the worker stored one (placed as it is), else Kling's (placed
+/// through the transforms).
+async fn fetch_objects(
+    store: &Store,
+    m: &Manifest,
+) -> (Result<bytes::Bytes, String>, Vec<FetchedMask>) {
+    let fetch = |full: String| async move {
+        let key = store
+            .relative_key(&full)
+            .ok_or_else(|| format!("{full} is outside this archive"))?;
+        match store.get(&key).await {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(format!("{full} is missing")),
+            Err(e) => Err(format!("{full} cannot be read: {e}")),
+        }
+    };
+    let source = fetch(m.source.key.clone()).await;
+    let mut masks = Vec::new();
+    for s in &m.segments {
+        let png = match (&s.aligned, &s.key, s.is_contain) {
+            _ if s.problem.is_some() => None,
+            (Some(a), _, true) => Some((fetch(a.key.clone()).await, true)),
+            (None, Some(key), true) => Some((fetch(key.clone()).await, false)),
+            _ => None,
+        };
+        masks.push((s.kind.as_str().to_owned(), s.is_contain, png));
+    }
+    (source, masks)
+}
+
+/// The upright thumbnail and each segment's overlay on it, with the
+/// problems met on the way (CPU work: run it off the runtime).
+fn draw(
+    source: Result<bytes::Bytes, String>,
+    orientation: u8,
+    masks: Vec<FetchedMask>,
+    record: &TransformRecord,
+    on_source: &TransformRecord,
+) -> (Option<pixels::Thumb>, Vec<SegmentView>, Vec<String>) {
+    let mut problems = Vec::new();
+    let thumb = match source {
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+        Ok(bytes) => match pixels::thumbnail(&bytes, orientation) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        },
+    };
+    let mut segments = Vec::new();
+    for (kind, found, png) in masks {
+        let mut view = SegmentView {
+            kind,
+            found,
+            overlay: None,
+            coverage: 0.0,
+        };
+        match (png, &thumb) {
+            (Some((Err(p), _)), _) => problems.push(p),
+            (Some((Ok(png), aligned)), Some((_, frame))) => {
+                let record = if aligned { on_source } else { record };
+                let drawn = pixels::read_mask(&png).and_then(|mask| {
+                    let ov = pixels::overlay(&mask, record, frame);
+                    view.coverage = pixels::coverage(&ov);
+                    pixels::overlay_png(&ov, html::colour(&view.kind), OVERLAY_ALPHA)
+                });
+                match drawn {
+                    Ok(png) => view.overlay = Some(png),
+                    Err(e) => problems.push(format!("{}: {e}", view.kind)),
                 }
-            ),
-            transforms: describe_transforms(&m.prepared.transforms.steps),
-            cost: if m.reused_recognition {
-                format!(
-                    "0 (reused a recognition of {})",
-                    units(&m.final_unit_deduction)
-                )
+            }
+            _ => {}
+        }
+        segments.push(view);
+    }
+    (thumb.map(|(t, _)| t), segments, problems)
+}
+
+/// What the card says of an archived job: source, what was sent, the
+/// transforms, cost and when.
+fn job_view(m: &Manifest, thumb: Option<pixels::Thumb>, segments: Vec<SegmentView>) -> JobView {
+    JobView {
+        thumb,
+        segments,
+        labels: m
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        source: format!(
+            "{} · {} {}×{}{} · {}",
+            m.source.uri,
+            m.source.format.extension(),
+            m.source.width,
+            m.source.height,
+            if m.source.orientation > 1 {
+                format!(" (EXIF {})", m.source.orientation)
             } else {
+                String::new()
+            },
+            human_bytes(m.source.bytes)
+        ),
+        sent: format!(
+            "{} {}×{} · {}{}",
+            m.prepared.format.extension(),
+            m.prepared.width,
+            m.prepared.height,
+            human_bytes(m.prepared.bytes),
+            if m.prepared.passthrough {
+                " (the source, untouched)"
+            } else {
+                ""
+            }
+        ),
+        transforms: describe_transforms(&m.prepared.transforms.steps),
+        cost: if m.reused_recognition {
+            format!(
+                "0 (reused a recognition of {})",
                 units(&m.final_unit_deduction)
-            },
-            units: if m.reused_recognition {
-                0.0
-            } else {
-                m.final_unit_deduction.trim().parse().unwrap_or(0.0)
-            },
-            reused: m.reused_recognition,
-            request_id: m.request_id.clone(),
-            archived_at: m.archived_at.clone(),
-            archived_at_shown: readable_time(&m.archived_at),
-        })),
+            )
+        } else {
+            units(&m.final_unit_deduction)
+        },
+        units: if m.reused_recognition {
+            0.0
+        } else {
+            m.final_unit_deduction.trim().parse().unwrap_or(0.0)
+        },
+        reused: m.reused_recognition,
+        request_id: m.request_id.clone(),
+        archived_at: m.archived_at.clone(),
+        archived_at_shown: readable_time(&m.archived_at),
     }
 }
 

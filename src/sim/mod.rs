@@ -3,14 +3,16 @@
 //! every error code with its HTTP status), for integration tests and
 //! `worker demo`. Nothing in the project calls the real Kling API.
 //!
-//! Owns: the recognize endpoint (`auth`, `spec`, `masks`), the result
-//! CDN with signed, expiring URLs (`cdn`), fault injection ([`Faults`]),
-//! call statistics ([`SimStats`]) and the admin endpoints `/__sim/*` for
-//! tests that run the worker as a subprocess.
+//! Owns: the recognize endpoint (`auth`, `spec`, `masks`; the response
+//! envelope and the code table in `answer`), the result CDN with signed,
+//! expiring URLs (`cdn`), fault injection ([`Faults`]), call statistics
+//! ([`SimStats`]) and the admin endpoints `/__sim/*` for tests that run
+//! the worker as a subprocess.
 //!
 //! Must know nothing about the worker: it stands in for Kling and speaks
 //! only HTTP. It never logs the secret key or a JWT.
 
+mod answer;
 mod auth;
 mod cdn;
 mod conn;
@@ -41,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use self::answer::{Answer, DataField, ImageEntry, SuccessData, TaskResult, envelope};
 use self::cdn::{Lookup, ResultStore};
 use self::conn::{Peer, SimListener};
 pub use self::faults::{Fault, Faults, FaultsUpdate, RandomFaults};
@@ -50,8 +53,6 @@ use self::masks::Segment;
 pub const RECOGNIZE_PATH: &str = "/v1/videos/image-recognize";
 /// Room for a 10 MB image in base64 plus slack; larger bodies get 1200.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-const NON_JSON_BODY: &str =
-    "<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>";
 
 /// How to start a simulator.
 #[derive(Debug, Clone)]
@@ -266,178 +267,9 @@ fn router(shared: Arc<Shared>) -> Router {
 // ---------------------------------------------------------------------------
 // Recognize
 
-/// What one recognize call answers.
-enum Answer {
-    Json {
-        code: u32,
-        message: Option<String>,
-        data: DataField,
-    },
-    Html,
-    Hang(Duration),
-    Drop,
-}
-
-impl Answer {
-    fn code(code: u32) -> Self {
-        Answer::Json {
-            code,
-            message: None,
-            data: DataField::Null,
-        }
-    }
-
-    fn rejected(code: u32, message: impl Into<String>) -> Self {
-        Answer::Json {
-            code,
-            message: Some(message.into()),
-            data: DataField::Null,
-        }
-    }
-
-    fn fault(fault: Fault) -> Self {
-        match fault {
-            Fault::Code(code) => Answer::code(code),
-            Fault::NonJson200 => Answer::Html,
-            Fault::Hang(d) => Answer::Hang(d),
-            Fault::DropConnection => Answer::Drop,
-            Fault::MissingData => Answer::Json {
-                code: 0,
-                message: None,
-                data: DataField::Omitted,
-            },
-            // Built from a real recognition in `sim::hostile`.
-            Fault::BadSegmentUrl | Fault::ManySegments(_) | Fault::WrongSizeMasks => {
-                Answer::code(5000)
-            }
-        }
-    }
-
-    /// The service code for the statistics.
-    fn service_code(&self) -> Option<u32> {
-        match self {
-            Answer::Json { code, .. } => Some(*code),
-            Answer::Hang(_) => Some(5002),
-            Answer::Html | Answer::Drop => None,
-        }
-    }
-
-    async fn respond(self, request_id: &str, peer: &Peer) -> Response {
-        match self {
-            Answer::Json {
-                code,
-                message,
-                data,
-            } => envelope(code, message.as_deref(), request_id, &data),
-            Answer::Html => (
-                StatusCode::OK,
-                [(CONTENT_TYPE, "text/html; charset=utf-8")],
-                NON_JSON_BODY,
-            )
-                .into_response(),
-            Answer::Hang(d) => {
-                tokio::time::sleep(d).await;
-                envelope(5002, None, request_id, &DataField::Null)
-            }
-            Answer::Drop => {
-                // The writes of this response fail, so hyper closes the socket.
-                peer.drop_connection();
-                StatusCode::INTERNAL_SERVER_ERROR.into_response()
-            }
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Envelope<'a> {
-    code: u32,
-    message: &'a str,
-    request_id: &'a str,
-    #[serde(skip_serializing_if = "DataField::is_omitted")]
-    data: &'a DataField,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum DataField {
-    Null,
-    Omitted,
-    Success(SuccessData),
-}
-
-impl DataField {
-    fn is_omitted(data: &&DataField) -> bool {
-        matches!(data, DataField::Omitted)
-    }
-}
-
-#[derive(Serialize)]
-struct SuccessData {
-    final_unit_deduction: &'static str,
-    task_result: TaskResult,
-}
-
-#[derive(Serialize)]
-struct TaskResult {
-    images: Vec<ImageEntry>,
-}
-
-#[derive(Serialize)]
-struct ImageEntry {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    is_contain: bool,
-    url: String,
-}
-
 #[derive(Deserialize)]
 struct RecognizeBody {
     image: Option<String>,
-}
-
-/// The contract's code table: HTTP status and default message of a service
-/// code; unknown codes get 500.
-fn code_info(code: u32) -> (StatusCode, &'static str) {
-    use StatusCode as S;
-    match code {
-        0 => (S::OK, "SUCCEED"),
-        1000 => (S::UNAUTHORIZED, "authentication failed"),
-        1001 => (S::UNAUTHORIZED, "Authorization header is empty"),
-        1002 => (S::UNAUTHORIZED, "Authorization is invalid"),
-        1003 => (S::UNAUTHORIZED, "token is not yet valid"),
-        1004 => (S::UNAUTHORIZED, "token has expired"),
-        1100 => (S::TOO_MANY_REQUESTS, "account exception"),
-        1101 => (S::TOO_MANY_REQUESTS, "account in arrears"),
-        1102 => (S::TOO_MANY_REQUESTS, "resource pack depleted or expired"),
-        1103 => (S::FORBIDDEN, "no permission for this resource or model"),
-        1200 => (S::BAD_REQUEST, "invalid request parameters"),
-        1201 => (S::BAD_REQUEST, "invalid parameter"),
-        1202 => (S::NOT_FOUND, "invalid method"),
-        1203 => (S::NOT_FOUND, "requested resource does not exist"),
-        1300 => (S::BAD_REQUEST, "platform policy triggered"),
-        1301 => (S::BAD_REQUEST, "content security policy triggered"),
-        1302 => (S::TOO_MANY_REQUESTS, "request rate limit exceeded"),
-        1303 => (
-            S::TOO_MANY_REQUESTS,
-            "parallel task over resource pack limit",
-        ),
-        1304 => (S::TOO_MANY_REQUESTS, "IP whitelist policy triggered"),
-        5000 => (S::INTERNAL_SERVER_ERROR, "server internal error"),
-        5001 => (S::SERVICE_UNAVAILABLE, "server temporarily unavailable"),
-        5002 => (S::GATEWAY_TIMEOUT, "server internal timeout"),
-        _ => (S::INTERNAL_SERVER_ERROR, "unknown error"),
-    }
-}
-
-fn envelope(code: u32, message: Option<&str>, request_id: &str, data: &DataField) -> Response {
-    let (status, default_message) = code_info(code);
-    let body = Envelope {
-        code,
-        message: message.unwrap_or(default_message),
-        request_id,
-        data,
-    };
-    (status, Json(body)).into_response()
 }
 
 async fn recognize(
