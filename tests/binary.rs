@@ -234,7 +234,7 @@ async fn an_unreachable_archive_makes_the_worker_not_ready() {
             let r = reqwest::get(&readyz).await.ok()?;
             let status = r.status().as_u16();
             let body = r.text().await.ok()?;
-            (status == 503 && body.contains("archive unreachable")).then_some(body)
+            (status == 503 && body.contains("archive_down")).then_some(body)
         },
     )
     .await;
