@@ -135,9 +135,11 @@ impl Outages {
         self.state.borrow()[dep.index()].is_some()
     }
 
-    /// Mark `dep` down. True if this call did (log it once).
+    /// Mark `dep` down after a failed probe said `reason`; the first mark
+    /// logs the one line that says what the worker waits for. True if this
+    /// call marked it.
     pub fn mark_down(&self, dep: Dependency, reason: String) -> bool {
-        self.state.send_if_modified(|s| {
+        let marked = self.state.send_if_modified(|s| {
             let slot = &mut s[dep.index()];
             if slot.is_some() {
                 return false;
@@ -145,10 +147,21 @@ impl Outages {
             *slot = Some(Down {
                 dependency: dep,
                 since: Instant::now(),
-                reason,
+                reason: reason.clone(),
             });
             true
-        })
+        });
+        if marked {
+            tracing::error!(
+                cause = dep.as_str(),
+                error.code = dep.code(),
+                error = reason,
+                action = dep.advice(),
+                "dependency down: the worker stops taking jobs, hands held jobs back uncharged and probes every {}s",
+                PROBE_EVERY.as_secs()
+            );
+        }
+        marked
     }
 
     /// Mark `dep` up; returns how long it was down, if it was.
@@ -190,16 +203,7 @@ impl Outages {
         match result {
             Ok(()) => self.is_down(dep),
             Err(reason) => {
-                if self.mark_down(dep, reason.clone()) {
-                    tracing::error!(
-                        cause = dep.as_str(),
-                        error.code = dep.code(),
-                        error = reason,
-                        action = dep.advice(),
-                        "dependency down: the worker stops taking jobs, hands held jobs back uncharged and probes every {}s",
-                        PROBE_EVERY.as_secs()
-                    );
-                }
+                self.mark_down(dep, reason);
                 true
             }
         }

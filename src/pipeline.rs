@@ -195,9 +195,7 @@ impl Pipeline {
             .is_err()
         {
             let unrecorded = self.outages.unrecorded();
-            for _ in 0..unrecorded {
-                crate::ops::metrics::answer_lost();
-            }
+            crate::ops::metrics::answers_lost(unrecorded);
             tracing::warn!(
                 left = self.calls.len(),
                 unrecorded,

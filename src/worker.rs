@@ -187,8 +187,7 @@ impl Worker {
             async move { pipeline.kling().supervise(stop).await }.instrument(span.clone())
         }));
         let _dependencies = AbortOnDropHandle::new(tokio::spawn(
-            supervise_dependencies(self.pipeline.clone(), self.status.clone())
-                .instrument(span.clone()),
+            supervise_dependencies(self.pipeline.clone()).instrument(span.clone()),
         ));
         let _gate = AbortOnDropHandle::new(tokio::spawn(
             follow_suspensions(
@@ -209,7 +208,7 @@ impl Worker {
 /// archive that does not answer is an outage: the worker pauses); while the
 /// archive or the CDN is down, probe it every [`health::PROBE_EVERY`] and
 /// mark it up when it answers.
-async fn supervise_dependencies(pipeline: Arc<Pipeline>, status: Arc<Status>) {
+async fn supervise_dependencies(pipeline: Arc<Pipeline>) {
     let outages = pipeline.outages().clone();
     let mut changes = outages.subscribe();
     loop {
@@ -219,14 +218,9 @@ async fn supervise_dependencies(pipeline: Arc<Pipeline>, status: Arc<Status>) {
             .flatten()
             .map(|d| d.dependency)
             .collect();
-        status.set_store_reachable(!down.contains(&Dependency::Archive));
-        ops::metrics::store_reachable(!down.contains(&Dependency::Archive));
         if down.is_empty() {
-            let check = pipeline.probe(Dependency::Archive).await;
-            if let Err(reason) = check {
-                tracing::warn!(error = %reason, "the archive does not answer");
-                let probe = || async { pipeline.probe(Dependency::Archive).await };
-                outages.confirm(Dependency::Archive, probe).await;
+            if let Err(reason) = pipeline.probe(Dependency::Archive).await {
+                outages.mark_down(Dependency::Archive, reason);
                 continue;
             }
             tokio::select! {
@@ -273,12 +267,11 @@ async fn follow_suspensions(
     loop {
         let suspension = gate.borrow_and_update().clone();
         let down = outages.borrow_and_update().clone();
+        let is_down = |dep| down.iter().flatten().any(|d| d.dependency == dep);
         for dep in Dependency::ALL {
-            ops::metrics::suspended(
-                dep.as_str(),
-                down.iter().flatten().any(|d| d.dependency == dep),
-            );
+            ops::metrics::suspended(dep.as_str(), is_down(dep));
         }
+        ops::metrics::store_reachable(!is_down(Dependency::Archive));
         let why = suspension
             .as_ref()
             .map(not_ready)

@@ -193,8 +193,8 @@ pub fn answers_unrecorded(n: usize) {
     gauge!(ANSWERS_UNRECORDED).set(n as f64);
 }
 
-pub fn answer_lost() {
-    counter!(ANSWERS_LOST).increment(1);
+pub fn answers_lost(n: usize) {
+    counter!(ANSWERS_LOST).increment(n as u64);
 }
 
 pub fn archived_bytes(n: usize) {

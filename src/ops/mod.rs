@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 pub struct Status {
     consuming: AtomicBool,
     draining: AtomicBool,
-    store_ok: AtomicBool,
     suspended: Mutex<Option<NotReady>>,
 }
 
@@ -45,7 +44,6 @@ impl Status {
         Self {
             consuming: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            store_ok: AtomicBool::new(true),
             suspended: Mutex::new(None),
         }
     }
@@ -57,10 +55,6 @@ impl Status {
 
     pub fn set_consuming(&self, on: bool) {
         self.consuming.store(on, Ordering::SeqCst);
-    }
-
-    pub fn set_store_reachable(&self, ok: bool) {
-        self.store_ok.store(ok, Ordering::SeqCst);
     }
 
     pub fn set_draining(&self) {
@@ -83,13 +77,6 @@ impl Status {
             .clone()
         {
             return Err(why);
-        }
-        if !self.store_ok.load(Ordering::SeqCst) {
-            return Err(NotReady {
-                reason: "archive unreachable",
-                code: None,
-                action: Some("check ARCHIVE_URL, the S3 endpoint and credentials"),
-            });
         }
         if !self.consuming.load(Ordering::SeqCst) {
             return Err(NotReady {

@@ -237,7 +237,7 @@ impl Flight {
             if e.disposition() != Disposition::Transient
                 || tokio::time::Instant::now() + wait > self.record_by
             {
-                crate::ops::metrics::answer_lost();
+                crate::ops::metrics::answers_lost(1);
                 tracing::error!(error = %e, attempts = attempt + 1, "could not store a billed recognition; a retry will pay again");
                 return Err(e.into());
             }
