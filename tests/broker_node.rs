@@ -76,18 +76,8 @@ impl Node {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    fn ctl(&self, args: &[&str]) {
-        let out = Command::new("rabbitmqctl")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("rabbitmqctl");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    fn ctl(&self, command: &str) {
+        common::rabbitmqctl(&["-n", &self.name, command]);
     }
 
     async fn wait_amqp(&self) {
@@ -181,9 +171,9 @@ async fn a_broker_node_restart_mid_batch_loses_nothing_and_needs_no_operator() {
         assert!(Instant::now() < deadline, "no progress\n{}", p.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    node.ctl(&["stop_app"]);
+    node.ctl("stop_app");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    node.ctl(&["start_app"]);
+    node.ctl("start_app");
     let back_s = wait_ready(
         &p,
         Duration::from_secs(120),

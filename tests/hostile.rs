@@ -23,17 +23,9 @@ use kling_archiver::kling::answer::MAX_SEGMENTS;
 use kling_archiver::pipeline::Hooks;
 use kling_archiver::sim::Fault;
 
-/// Peak resident memory of this process so far, in MB (Linux VmHWM).
+/// Peak resident memory of this process so far, in MB.
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    common::rss::vm_hwm_kb() as f64 / 1024.0
 }
 
 /// An in-spec PNG with an iCCP chunk that inflates to 1 GiB, before the

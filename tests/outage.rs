@@ -171,16 +171,56 @@ impl Figures {
     }
 }
 
-/// Run `jobs` jobs on one worker (`--concurrency 8`) with `tiers`; after
-/// `before` manifests, `outage(true)`, wait `away`, `outage(false)`.
+/// The dependency an outage takes away.
+#[derive(Clone, Copy)]
+enum Away {
+    /// The S3 server: every connection cut, new ones closed at once.
+    Archive,
+    /// Kling's CDN: every result download answers 503.
+    Cdn,
+}
+
+impl Away {
+    /// The `cause` the worker reports it by.
+    fn cause(self) -> &'static str {
+        match self {
+            Away::Archive => "archive",
+            Away::Cdn => "cdn",
+        }
+    }
+
+    fn set(self, env: &TestEnv, down: bool) {
+        match self {
+            Away::Archive => env.s3.set_down(down),
+            Away::Cdn => env.sim.set_cdn_down(down),
+        }
+    }
+}
+
+/// Run `jobs` jobs on one worker (`--concurrency 8`) with `tiers`; after 24
+/// manifests take `dependency` away for `away`, bring it back, and check
+/// the figures.
 async fn ride_out(
+    what: &'static str,
+    tiers: &'static str,
+    jobs: u32,
+    dependency: Away,
+    away: Duration,
+) {
+    let env = TestEnv::new(Backend::S3).await;
+    ride_out_in(&env, what, tiers, jobs, dependency, away)
+        .await
+        .check();
+    env.cleanup().await;
+}
+
+async fn ride_out_in(
     env: &TestEnv,
     what: &'static str,
     tiers: &'static str,
     jobs: u32,
+    dependency: Away,
     away: Duration,
-    cause: &str,
-    outage: impl Fn(bool),
 ) -> Figures {
     env.sim.set_latency(Duration::from_millis(300));
     let ids = publish_distinct(env, what.split(' ').next().unwrap_or("o"), jobs).await;
@@ -194,10 +234,10 @@ async fn ride_out(
     );
     let store = bin_store(env);
     wait_archived_at_least(&store, &ids, 24, &p).await;
-    outage(true);
-    wait_suspended(&p, cause).await;
+    dependency.set(env, true);
+    wait_suspended(&p, dependency.cause()).await;
     tokio::time::sleep(away).await;
-    outage(false);
+    dependency.set(env, false);
     let back = Instant::now();
     let back_s = seconds_until_all(&store, &ids, back, &p).await;
     env.wait_ready(&env.queue, 0, Duration::from_secs(30)).await;
@@ -233,53 +273,41 @@ async fn ride_out(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_archive_away_90_s_with_the_default_tiers() {
-    let env = TestEnv::new(Backend::S3).await;
-    let f = ride_out(
-        &env,
+    let away = Duration::from_secs(90);
+    ride_out(
         "s3-away-90s with the default tiers",
         DEFAULT_TIERS,
         100,
-        Duration::from_secs(90),
-        "archive",
-        |down| env.s3.set_down(down),
+        Away::Archive,
+        away,
     )
     .await;
-    f.check();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_archive_away_longer_than_every_retry_tier() {
-    let env = TestEnv::new(Backend::S3).await;
     // 1 + 2 + 5 s of tiers against 60 s away: in production, an outage of
     // hours against 5 s + 30 s + 5 min.
-    let f = ride_out(
-        &env,
+    let away = Duration::from_secs(60);
+    ride_out(
         "s3-away-60s past tiers of 1,2,5 s",
         "1,2,5",
         60,
-        Duration::from_secs(60),
-        "archive",
-        |down| env.s3.set_down(down),
+        Away::Archive,
+        away,
     )
     .await;
-    f.check();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn klings_cdn_answering_503_for_2_minutes() {
-    let env = TestEnv::new(Backend::S3).await;
-    let f = ride_out(
-        &env,
+    let away = Duration::from_secs(120);
+    ride_out(
         "cdn-503-120s with the default tiers",
         DEFAULT_TIERS,
         100,
-        Duration::from_secs(120),
-        "cdn",
-        |down| env.sim.set_cdn_down(down),
+        Away::Cdn,
+        away,
     )
     .await;
-    f.check();
-    env.cleanup().await;
 }

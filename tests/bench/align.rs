@@ -15,6 +15,9 @@
 //! Modes: no argument runs everything; `rss prepare|align <dir>` runs one
 //! step on the inputs in `<dir>` and prints `rss_kb <delta>`.
 
+#[path = "../common/rss.rs"]
+mod memory;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -40,18 +43,6 @@ fn main() {
         _ if benching => run_all(),
         _ => println!("the aligned-mask benchmark runs with `bash tests/bench/align.sh`"),
     }
-}
-
-/// Peak resident set so far, in kB (Linux `VmHWM`).
-fn vm_hwm_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The inputs of one job: the source, and Kling's masks with the record.
@@ -89,7 +80,7 @@ fn align_job(record: &TransformRecord, masks: &[Vec<u8>]) -> u64 {
 
 fn rss(step: &str, dir: &Path) {
     let inputs = load(dir);
-    let before = vm_hwm_kb();
+    let before = memory::vm_hwm_kb();
     match step {
         "prepare" => {
             std::hint::black_box(prepare_job(&inputs.source));
@@ -98,7 +89,7 @@ fn rss(step: &str, dir: &Path) {
             std::hint::black_box(align_job(&inputs.record, &inputs.masks));
         }
     }
-    println!("rss_kb {}", vm_hwm_kb().saturating_sub(before));
+    println!("rss_kb {}", memory::vm_hwm_kb().saturating_sub(before));
 }
 
 /// A phone-photo-like picture: the demo scene with fine texture.

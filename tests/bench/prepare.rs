@@ -26,6 +26,9 @@
 //! in jobs/s, against libvips doing the same on as many processes (run
 //! unpinned, after the single-threaded table).
 
+#[path = "../common/rss.rs"]
+mod memory;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -58,23 +61,11 @@ fn main() {
     }
 }
 
-/// Peak resident set so far, in kB (Linux `VmHWM`).
-fn vm_hwm_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn rss_job(file: &Path) {
     let data = Bytes::from(std::fs::read(file).expect("read input"));
-    let before = vm_hwm_kb();
+    let before = memory::vm_hwm_kb();
     let out = prepare::prepare(data, &Spec::KLING, &Limits::default()).expect("prepare");
-    let after = vm_hwm_kb();
+    let after = memory::vm_hwm_kb();
     std::hint::black_box(&out);
     println!("rss_kb {}", after.saturating_sub(before));
 }

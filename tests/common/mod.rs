@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod atomic_s3;
 pub mod procs;
+pub mod rss;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const S3_AK: &str = "test-ak";
