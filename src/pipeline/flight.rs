@@ -10,6 +10,7 @@
 //! ([`super::Pipeline::drain_calls`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -219,6 +220,7 @@ impl Flight {
     /// paying again. Held in memory meanwhile, and counted.
     async fn write_record(&self, body: Bytes, meta: &PutMeta) -> Result<(), PipelineError> {
         let _held = self.outages.hold_unrecorded();
+        let mut delays = outage::record_retry_delays();
         let mut attempt = 0u32;
         loop {
             let e = match self.store.put(&self.record_key, body.clone(), meta).await {
@@ -233,7 +235,7 @@ impl Flight {
                 }
                 Err(e) => e,
             };
-            let wait = outage::record_retry_delay(attempt);
+            let wait = delays.next().unwrap_or(Duration::from_secs(2));
             if e.disposition() != Disposition::Transient
                 || tokio::time::Instant::now() + wait > self.record_by
             {

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+
 use super::{Pipeline, PipelineError};
 use crate::archive::{ObjectKey, Store};
 use crate::download::DownloadError;
@@ -106,10 +108,14 @@ pub(super) async fn probe_archive(store: &Store) -> Result<(), String> {
 }
 
 /// How a billed answer's record write waits between attempts while the
-/// archive is away: short, so the record lands moments after it is back.
-pub(super) fn record_retry_delay(attempt: u32) -> Duration {
-    let ms = 250u64.saturating_mul(1 << attempt.min(3));
-    Duration::from_millis(ms.min(2_000))
+/// archive is away: short, so the record lands moments after it is back;
+/// never giving up by count (the job's deadline bounds it).
+pub(super) fn record_retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -118,7 +124,10 @@ mod tests {
 
     #[test]
     fn record_retries_stay_short() {
-        let delays: Vec<_> = (0..8).map(|a| record_retry_delay(a).as_millis()).collect();
+        let delays: Vec<_> = record_retry_delays()
+            .take(8)
+            .map(|d| d.as_millis())
+            .collect();
         assert_eq!(delays, [250, 500, 1000, 2000, 2000, 2000, 2000, 2000]);
     }
 }
