@@ -302,7 +302,7 @@ impl Pipeline {
         timer.stop();
         tracing::Span::current().record("kling.request_id", record.recognition.request_id.as_str());
         let timer = crate::ops::metrics::StageTimer::start("archive");
-        let segments = match self.archive_segments(job, &record, &p).await {
+        let segments = match self.archive_segments(job, &record, &p, reused).await {
             Err(PipelineError::Download(DownloadError::Expired { .. })) if reused => {
                 // The stored answer's URLs are gone (Kling keeps them 30 days):
                 // pay for one new call rather than lose the job.
@@ -315,7 +315,7 @@ impl Pipeline {
                 (record, reused) = self.recognition(job, &p, Some(&stale)).await?;
                 tracing::Span::current()
                     .record("kling.request_id", record.recognition.request_id.as_str());
-                self.archive_segments(job, &record, &p).await?
+                self.archive_segments(job, &record, &p, reused).await?
             }
             other => other?,
         };
@@ -411,40 +411,35 @@ impl Pipeline {
     ) -> Result<(String, String), PipelineError> {
         let src_format = p.prepared.source.format;
         let source_key = layout::image(&p.source_sha, src_format.extension());
-        let mut meta = BTreeMap::from([
+        let meta = BTreeMap::from([
             ("job-id".to_owned(), job.id.to_string()),
             ("role".to_owned(), "source".to_owned()),
         ]);
-        self.store
-            .put_if_absent(
-                &source_key,
-                source,
-                &PutMeta {
-                    content_type: src_format.content_type(),
-                    sha256: p.source_sha,
-                    metadata: meta.clone(),
-                },
-            )
-            .await?;
-        let prepared_key = if p.prepared.is_passthrough() {
-            source_key.clone()
-        } else {
-            let key = layout::image(&p.prepared_sha, p.prepared.format.extension());
-            meta.insert("role".into(), "prepared".into());
-            meta.insert("source-sha256".into(), p.source_sha.hex());
-            self.store
-                .put_if_absent(
-                    &key,
-                    p.prepared.bytes.clone(),
-                    &PutMeta {
-                        content_type: p.prepared.format.content_type(),
-                        sha256: p.prepared_sha,
-                        metadata: meta,
-                    },
-                )
-                .await?;
-            key
+        let source_meta = PutMeta {
+            content_type: src_format.content_type(),
+            sha256: p.source_sha,
+            metadata: meta.clone(),
         };
+        let put_source = self.store.put_if_absent(&source_key, source, &source_meta);
+        if p.prepared.is_passthrough() {
+            put_source.await?;
+            let key = self.store.full_key(&source_key);
+            return Ok((key.clone(), key));
+        }
+        let prepared_key = layout::image(&p.prepared_sha, p.prepared.format.extension());
+        let mut metadata = meta;
+        metadata.insert("role".into(), "prepared".into());
+        metadata.insert("source-sha256".into(), p.source_sha.hex());
+        let prepared_meta = PutMeta {
+            content_type: p.prepared.format.content_type(),
+            sha256: p.prepared_sha,
+            metadata,
+        };
+        // Two independent writes: one round trip, not two.
+        let put_prepared =
+            self.store
+                .put_if_absent(&prepared_key, p.prepared.bytes.clone(), &prepared_meta);
+        futures::try_join!(put_source, put_prepared)?;
         Ok((
             self.store.full_key(&source_key),
             self.store.full_key(&prepared_key),

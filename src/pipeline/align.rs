@@ -49,7 +49,7 @@ impl Pipeline {
     /// are read back). `None` when the job needs no alignment or it is
     /// switched off, or when the PNG cannot be read as a mask (logged;
     /// Kling's original stays). `turn` makes a job's masks wait for each
-    /// other: one at a time per job bounds its memory.
+    /// other while aligning: one at a time per job bounds its memory.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn aligned(
         &self,
@@ -65,14 +65,19 @@ impl Pipeline {
             return Ok(None);
         }
         let kind = &seg.kind;
-        let _one_at_a_time = turn.lock().await;
         let png = match png {
             Some(png) => png,
             None => self.store.get(segment).await?.ok_or_else(|| {
                 PipelineError::internal(format!("segment {segment} vanished before alignment"))
             })?,
         };
-        let aligned = match self.align_on_pool(png, p).await? {
+        // Held while the working planes exist, not while the encoded mask
+        // (a fraction of their size) is written: the job's other masks
+        // align while this one's write waits on the archive.
+        let one_at_a_time = turn.lock().await;
+        let aligned = self.align_on_pool(png, p).await;
+        drop(one_at_a_time);
+        let aligned = match aligned? {
             Ok(aligned) => aligned,
             Err(e) => {
                 tracing::warn!(kind = %kind, code = e.code(), error = %e, "no aligned mask for this segment");

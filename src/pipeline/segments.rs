@@ -31,12 +31,17 @@ const SEGMENT_PARALLELISM: usize = 4;
 
 impl Pipeline {
     /// Download every contained segment (skipping those already stored by
-    /// an earlier attempt) and store it byte for byte.
+    /// an earlier attempt) and store it byte for byte. `reused`: the
+    /// recognition was stored before this attempt, so some of its segments
+    /// may be too; an answer this attempt paid for has a new request id,
+    /// under which nothing can be stored yet, and is not looked up (one S3
+    /// request and its round trip saved per segment).
     pub(super) async fn archive_segments(
         &self,
         job: &Job,
         record: &RecognitionRecord,
         p: &PreparedJob,
+        reused: bool,
     ) -> Result<Vec<SegmentEntry>, PipelineError> {
         let rec = &record.recognition;
         let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -53,7 +58,7 @@ impl Pipeline {
         let turn = tokio::sync::Mutex::new(());
         let work: Vec<_> = planned
             .into_iter()
-            .map(|(seg, key)| self.archive_segment(job, rec, p, seg, key, &turn))
+            .map(|(seg, key)| self.archive_segment(job, rec, p, (seg, key), reused, &turn))
             .collect();
         futures::stream::iter(work)
             .buffered(SEGMENT_PARALLELISM)
@@ -66,8 +71,8 @@ impl Pipeline {
         job: &Job,
         rec: &Recognition,
         p: &PreparedJob,
-        seg: &SegmentResult,
-        key: ObjectKey,
+        (seg, key): (&SegmentResult, ObjectKey),
+        reused: bool,
         turn: &tokio::sync::Mutex<()>,
     ) -> Result<SegmentEntry, PipelineError> {
         let url = match (&seg.url, seg.is_contain) {
@@ -79,7 +84,7 @@ impl Pipeline {
                 return Ok(unarchived(seg, contained, seg.problem.clone()));
             }
         };
-        if let Some(entry) = self.stored_segment(job, rec, p, seg, &key, turn).await? {
+        if reused && let Some(entry) = self.stored_segment(job, rec, p, seg, &key, turn).await? {
             return Ok(entry);
         }
         let prepared = [p.prepared.width, p.prepared.height];
