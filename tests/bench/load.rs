@@ -21,7 +21,8 @@
 //!
 //! Flags: `--jobs-per-slot K` (default 64: N = K x C, about 64 s at the
 //! bound), `--latency-ms L` (default 1000), `--concurrency 32,128`,
-//! `--mix in,out`, `--cdn-latency-ms`, `--s3-latency-ms`.
+//! `--mix in,out`, `--cdn-latency-ms`, `--s3-latency-ms`, `--prefetch 1,default`
+//! (each case's prefetch: a multiple of C, or the worker's default).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -51,6 +52,8 @@ struct Args {
     mixes: Vec<String>,
     cdn_latency: Duration,
     s3_latency: Duration,
+    /// Prefetch per case as a multiple of C (`x` is the worker's default).
+    prefetch: Vec<String>,
 }
 
 fn args() -> Option<Args> {
@@ -78,6 +81,11 @@ fn args() -> Option<Args> {
             .unwrap_or_else(|| "32,128".into())
             .split(',')
             .map(|c| c.parse().unwrap())
+            .collect(),
+        prefetch: get("--prefetch")
+            .unwrap_or_else(|| "1,default".into())
+            .split(',')
+            .map(str::to_owned)
             .collect(),
         mixes: get("--mix")
             .unwrap_or_else(|| "in,out".into())
@@ -156,6 +164,41 @@ struct Run {
     machine_busy: f64,
     /// Mean Kling calls in flight after the ramp.
     kling_in_flight: f64,
+    /// Mean seconds per job in each stage, from the worker's /metrics.
+    stages: Stages,
+    /// S3 requests per job (every method), from the S3 server.
+    s3_requests_per_job: f64,
+}
+
+/// Mean seconds per job of the worker's stages (`kling` includes the wait
+/// for a Kling permit and the claim; `archive` the segment downloads and
+/// writes). What Little's law needs: deliveries = C x (L + S) / L.
+#[derive(Default)]
+struct Stages {
+    fetch: f64,
+    prepare: f64,
+    kling: f64,
+    archive: f64,
+}
+
+/// The stage means from a worker's `/metrics` text.
+fn stages(metrics: &str) -> Stages {
+    let mean = |stage: &str| {
+        let find = |suffix: &str| {
+            let head = format!("kling_archiver_stage_seconds_{suffix}{{stage=\"{stage}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(head.as_str())?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        find("sum") / find("count").max(1.0)
+    };
+    Stages {
+        fetch: mean("fetch"),
+        prepare: mean("prepare"),
+        kling: mean("kling"),
+        archive: mean("archive"),
+    }
 }
 
 /// Where a case archives: the bench's S3 server and a bucket.
@@ -247,6 +290,7 @@ async fn run_one(
     }
 
     let billed_before = sim.stats().billed_calls;
+    let s3_before = archive.s3.requests();
     let mut consumer = ch
         .basic_consume(
             results.as_str().into(),
@@ -256,6 +300,7 @@ async fn run_one(
         )
         .await
         .unwrap();
+    let ops_port = common::free_port();
     let started = Instant::now();
     let machine_before = machine_jiffies();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -279,7 +324,7 @@ async fn run_one(
         .env("AWS_SECRET_ACCESS_KEY", common::S3_SK)
         .env("AWS_REGION", "us-east-1")
         .env("S3_FORCE_PATH_STYLE", "true")
-        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("HTTP_ADDR", format!("127.0.0.1:{ops_port}"))
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -340,6 +385,10 @@ async fn run_one(
     let hwm = hwm.max(peak.1);
     let ramp = ramp_done.unwrap_or(started);
     let after_ramp = (jobs - jobs / 10) as f64 / ramp.elapsed().as_secs_f64();
+    let metrics = match reqwest::get(format!("http://127.0.0.1:{ops_port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -367,6 +416,8 @@ async fn run_one(
         machine_busy: (machine_after.0 - machine_before.0) as f64
             / (machine_after.1 - machine_before.1).max(1) as f64,
         kling_in_flight,
+        stages: stages(&metrics),
+        s3_requests_per_job: (archive.s3.requests() - s3_before) as f64 / jobs as f64,
     }
 }
 
@@ -387,8 +438,8 @@ async fn main() {
     let l = args.latency.as_secs_f64();
     let mut table = format!(
         "load: Kling latency {:.0} ms, segment download {} ms, S3 request {} ms, {} jobs per slot, worker binary in its own process\n\n\
-         | concurrency | prefetch | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | Kling in flight / C | worker CPU ms/job | worker peak RSS MB | billed | machine busy |\n\
-         | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | concurrency | prefetch | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | Kling in flight / C | worker CPU ms/job | worker peak RSS MB | billed | machine busy | fetch / prepare / kling / archive ms | S3 requests/job |\n\
+         | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         l * 1e3,
         args.cdn_latency.as_millis(),
         args.s3_latency.as_millis(),
@@ -396,14 +447,20 @@ async fn main() {
     );
     for &c in &args.concurrency {
         for mix in &args.mixes {
-            // Before `--prefetch` (prefetch = C), then the default (2 x C).
-            for prefetch in [c, c * 2] {
+            // Before `--prefetch` (prefetch = C), then the default.
+            for factor in &args.prefetch {
+                let prefetch = match factor.as_str() {
+                    "default" => usize::from(kling_archiver::config::default_prefetch(
+                        u16::try_from(c).unwrap(),
+                    )),
+                    k => c * k.parse::<usize>().expect("--prefetch: multiples of C"),
+                };
                 let jobs = c * args.jobs_per_slot;
                 let r = run_one(&conn, &sim, (c, prefetch), mix, jobs, &archive).await;
                 let rate = r.jobs as f64 / r.seconds;
                 let bound = c as f64 / l;
                 let row = format!(
-                    "| {c} | {prefetch} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % |\n",
+                    "| {c} | {prefetch} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % | {:.0} / {:.0} / {:.0} / {:.0} | {:.1} |\n",
                     r.jobs,
                     r.seconds,
                     rate / bound,
@@ -412,7 +469,12 @@ async fn main() {
                     r.cpu_per_job_ms,
                     r.peak_rss_mb,
                     r.billed,
-                    r.machine_busy * 100.0
+                    r.machine_busy * 100.0,
+                    r.stages.fetch * 1e3,
+                    r.stages.prepare * 1e3,
+                    r.stages.kling * 1e3,
+                    r.stages.archive * 1e3,
+                    r.s3_requests_per_job,
                 );
                 eprint!("{row}");
                 table.push_str(&row);

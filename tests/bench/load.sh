@@ -6,7 +6,8 @@
 # 2 x C; throughput against Little's law, Kling calls in flight, CPU per
 # job, peak RSS. Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Extra
 # flags go to the bench: --jobs-per-slot K --latency-ms L --concurrency 32,128
-# --mix in,out --cdn-latency-ms 300 --s3-latency-ms 30
+# --mix in,out --cdn-latency-ms 300 --s3-latency-ms 30 --prefetch 1,default
+# (prefetch per case, in multiples of C or `default`)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/debian-tools.sh

@@ -63,9 +63,15 @@ pub struct S3Server {
     pub dir: tempfile::TempDir,
     stop: CancellationToken,
     down: tokio::sync::watch::Sender<bool>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl S3Server {
+    /// Requests answered so far (every method, every client).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Take the server down (every open connection is cut, new ones are
     /// closed at once) or bring it back on the same address.
     pub fn set_down(&self, down: bool) {
@@ -91,11 +97,13 @@ pub async fn start_s3_ignoring_if_none_match() -> S3Server {
     start_s3_with(atomic_s3::Conditional::IgnoreIfNoneMatch, Duration::ZERO).await
 }
 
-/// A service that answers each request `delay` later: S3's latency.
+/// A service that answers each request `delay` later (S3's latency), and
+/// counts them.
 #[derive(Clone)]
 struct Delayed<S> {
     inner: S,
     delay: Duration,
+    requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<S, R> hyper::service::Service<R> for Delayed<S>
@@ -109,6 +117,8 @@ where
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn call(&self, req: R) -> Self::Future {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let answer = self.inner.call(req);
         let delay = self.delay;
         Box::pin(async move {
@@ -132,9 +142,11 @@ async fn start_s3_with(mode: atomic_s3::Conditional, latency: Duration) -> S3Ser
     let fs = atomic_s3::AtomicFs::new(fs, mode);
     let mut b = s3s::service::S3ServiceBuilder::new(fs);
     b.set_auth(s3s::auth::SimpleAuth::from_single(S3_AK, S3_SK));
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let service = Delayed {
         inner: b.build(),
         delay: latency,
+        requests: requests.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -172,6 +184,7 @@ async fn start_s3_with(mode: atomic_s3::Conditional, latency: Duration) -> S3Ser
         dir,
         stop,
         down,
+        requests,
     }
 }
 
