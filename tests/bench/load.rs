@@ -7,17 +7,22 @@
 //! (overall, and after the adaptive Kling limit's slow start), the worker
 //! process's CPU seconds per job and its peak RSS, for in-spec traffic
 //! (passed through) and out-of-spec traffic (200x150 photos: decoded,
-//! upscaled, re-encoded). Every job carries a distinct image, so no call is
-//! saved by reuse. The archive is a local directory on disk; the simulator
-//! runs in this process, the worker in its own.
+//! upscaled, re-encoded, masks aligned back). Every job carries a distinct
+//! image, so no call is saved by reuse. The simulator and the S3 server run
+//! in this process, the worker in its own, RabbitMQ in its own: all on the
+//! same machine, so the table also gives the whole machine's CPU per job and
+//! the throughput that CPU allows (`machine's ceiling / bound`: below 1 the
+//! machine, not the worker, caps the run).
 //!
 //! Production's shape: the archive is the in-process S3 server behind a
 //! per-request delay (`--s3-latency-ms`, default 30), each segment PNG
 //! download waits `--cdn-latency-ms` (default 300). Every case runs twice:
 //! with the prefetch equal to the concurrency (how the worker ran before
 //! `--prefetch`) and with the default prefetch (2 x C), in one table. The
-//! mean of Kling calls in flight after the ramp (sampled every 50 ms from
-//! the simulator) is given as a fraction of C.
+//! mean of Kling calls in flight after the ramp (sampled every 10 ms from
+//! the simulator) is given as a fraction of C; `first call s` is the time
+//! from the worker's start to its first Kling call; the stage means come
+//! from the worker's `/metrics`.
 //!
 //! Flags: `--jobs-per-slot K` (default 64: N = K x C, about 64 s at the
 //! bound), `--latency-ms L` (default 1000), `--concurrency 32,128`,
@@ -164,6 +169,10 @@ struct Run {
     machine_busy: f64,
     /// Mean Kling calls in flight after the ramp.
     kling_in_flight: f64,
+    /// CPU of the whole machine per job (every process), ms.
+    machine_cpu_per_job_ms: f64,
+    /// From the worker's start to its first Kling call, s.
+    first_call_s: f64,
     /// Mean seconds per job in each stage, from the worker's /metrics.
     stages: Stages,
     /// S3 requests per job (every method), from the S3 server.
@@ -340,16 +349,20 @@ async fn run_one(
         let (sim, phase) = (sim.clone(), phase.clone());
         async move {
             let (mut sum, mut n) = (0u64, 0u64);
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut first_call = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
             loop {
                 tick.tick().await;
+                if first_call.is_none() && sim.stats().in_flight > 0 {
+                    first_call = Some(Instant::now());
+                }
                 match phase.load(std::sync::atomic::Ordering::Relaxed) {
                     0 => {}
                     1 => {
                         sum += sim.stats().in_flight;
                         n += 1;
                     }
-                    _ => return sum as f64 / n.max(1) as f64,
+                    _ => return (sum as f64 / n.max(1) as f64, first_call),
                 }
             }
         }
@@ -379,7 +392,7 @@ async fn run_one(
     }
     let elapsed = started.elapsed();
     phase.store(2, std::sync::atomic::Ordering::Relaxed);
-    let kling_in_flight = sampler.await.unwrap_or(0.0);
+    let (kling_in_flight, first_call) = sampler.await.unwrap_or((0.0, None));
     let machine_after = machine_jiffies();
     let (cpu, hwm) = usage(pid);
     let hwm = hwm.max(peak.1);
@@ -415,6 +428,9 @@ async fn run_one(
         billed: sim.stats().billed_calls - billed_before,
         machine_busy: (machine_after.0 - machine_before.0) as f64
             / (machine_after.1 - machine_before.1).max(1) as f64,
+        // USER_HZ jiffies of every process: worker, simulator, S3, broker.
+        machine_cpu_per_job_ms: (machine_after.0 - machine_before.0) as f64 * 10.0 / jobs as f64,
+        first_call_s: first_call.map_or(f64::NAN, |t| (t - started).as_secs_f64()),
         kling_in_flight,
         stages: stages(&metrics),
         s3_requests_per_job: (archive.s3.requests() - s3_before) as f64 / jobs as f64,
@@ -436,10 +452,12 @@ async fn main() {
     common::create_bucket(&s3.client, bucket).await;
     let archive = Archive { s3: &s3, bucket };
     let l = args.latency.as_secs_f64();
+    // What the whole machine could sustain at its CPU per job.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let mut table = format!(
         "load: Kling latency {:.0} ms, segment download {} ms, S3 request {} ms, {} jobs per slot, worker binary in its own process\n\n\
-         | concurrency | prefetch | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | Kling in flight / C | worker CPU ms/job | worker peak RSS MB | billed | machine busy | fetch / prepare / kling / archive ms | S3 requests/job |\n\
-         | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | concurrency | prefetch | mix | jobs | seconds | jobs/s | bound C/L | ratio | ratio after ramp | Kling in flight / C | worker CPU ms/job | worker peak RSS MB | billed | machine busy | machine CPU ms/job | machine's ceiling / bound | first call s | fetch / prepare / kling / archive ms | S3 requests/job |\n\
+         | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         l * 1e3,
         args.cdn_latency.as_millis(),
         args.s3_latency.as_millis(),
@@ -460,7 +478,7 @@ async fn main() {
                 let rate = r.jobs as f64 / r.seconds;
                 let bound = c as f64 / l;
                 let row = format!(
-                    "| {c} | {prefetch} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % | {:.0} / {:.0} / {:.0} / {:.0} | {:.1} |\n",
+                    "| {c} | {prefetch} | {mix} | {} | {:.1} | {rate:.1} | {bound:.0} | {:.3} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {:.0} % | {:.1} | {:.2} | {:.2} | {:.0} / {:.0} / {:.0} / {:.0} | {:.1} |\n",
                     r.jobs,
                     r.seconds,
                     rate / bound,
@@ -470,6 +488,9 @@ async fn main() {
                     r.peak_rss_mb,
                     r.billed,
                     r.machine_busy * 100.0,
+                    r.machine_cpu_per_job_ms,
+                    cores * 1e3 / r.machine_cpu_per_job_ms / bound,
+                    r.first_call_s,
                     r.stages.fetch * 1e3,
                     r.stages.prepare * 1e3,
                     r.stages.kling * 1e3,
