@@ -57,7 +57,7 @@ struct Args {
     mixes: Vec<String>,
     cdn_latency: Duration,
     s3_latency: Duration,
-    /// Prefetch per case as a multiple of C (`x` is the worker's default).
+    /// Prefetch per case: a multiple of C, or `default` (the worker's).
     prefetch: Vec<String>,
 }
 
@@ -136,6 +136,9 @@ fn machine_jiffies() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Clock ticks per second of `/proc`'s CPU times (USER_HZ on Linux).
+const USER_HZ: f64 = 100.0;
+
 /// (utime + stime seconds, VmHWM kB) of a process.
 fn usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -145,16 +148,7 @@ fn usage(pid: u32) -> (f64, u64) {
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = 100.0; // USER_HZ on Linux
-    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0);
-    (ticks / hz, hwm)
+    (ticks / USER_HZ, common::rss::vm_hwm_kb_of(&pid.to_string()))
 }
 
 struct Run {
@@ -194,11 +188,8 @@ struct Stages {
 fn stages(metrics: &str) -> Stages {
     let mean = |stage: &str| {
         let find = |suffix: &str| {
-            let head = format!("kling_archiver_stage_seconds_{suffix}{{stage=\"{stage}\"}} ");
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(head.as_str())?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
+            let series = format!("kling_archiver_stage_seconds_{suffix}{{stage=\"{stage}\"}}");
+            common::procs::metric(metrics, &series)
         };
         find("sum") / find("count").max(1.0)
     };
@@ -353,13 +344,14 @@ async fn run_one(
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             loop {
                 tick.tick().await;
-                if first_call.is_none() && sim.stats().in_flight > 0 {
+                let in_flight = sim.stats().in_flight;
+                if first_call.is_none() && in_flight > 0 {
                     first_call = Some(Instant::now());
                 }
                 match phase.load(std::sync::atomic::Ordering::Relaxed) {
                     0 => {}
                     1 => {
-                        sum += sim.stats().in_flight;
+                        sum += in_flight;
                         n += 1;
                     }
                     _ => return (sum as f64 / n.max(1) as f64, first_call),
@@ -428,8 +420,9 @@ async fn run_one(
         billed: sim.stats().billed_calls - billed_before,
         machine_busy: (machine_after.0 - machine_before.0) as f64
             / (machine_after.1 - machine_before.1).max(1) as f64,
-        // USER_HZ jiffies of every process: worker, simulator, S3, broker.
-        machine_cpu_per_job_ms: (machine_after.0 - machine_before.0) as f64 * 10.0 / jobs as f64,
+        // Busy ticks of every process: worker, simulator, S3, broker.
+        machine_cpu_per_job_ms: (machine_after.0 - machine_before.0) as f64 / USER_HZ * 1e3
+            / jobs as f64,
         first_call_s: first_call.map_or(f64::NAN, |t| (t - started).as_secs_f64()),
         kling_in_flight,
         stages: stages(&metrics),

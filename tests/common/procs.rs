@@ -46,11 +46,7 @@ impl Proc {
         let Ok(resp) = reqwest::get(&url).await else {
             return 0.0;
         };
-        let body = resp.text().await.unwrap_or_default();
-        body.lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric(&resp.text().await.unwrap_or_default(), name)
     }
 
     pub fn logs(&self) -> String {
@@ -70,6 +66,16 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The sum of the samples in a `/metrics` body whose series starts with
+/// `name` (a metric name, or a name with its labels: `x_sum{stage="a"}`);
+/// 0 when there is none.
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 pub async fn sum(procs: &[Proc], name: &str) -> f64 {

@@ -5,7 +5,13 @@
 /// Peak resident set of this process so far, in kB (Linux `VmHWM`; 0 where
 /// `/proc` has no such line).
 pub fn vm_hwm_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    vm_hwm_kb_of("self")
+}
+
+/// Peak resident set so far of the process `/proc/{pid}` names (a pid, or
+/// `self`), in kB; 0 where `/proc` has no such line.
+pub fn vm_hwm_kb_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
